@@ -1,0 +1,183 @@
+"""Safetensors files read and written tensor by tensor: headers parsed here, data streamed in chunks.
+
+Reading never maps a whole shard into memory: each tensor is read in chunks of at most
+`CHUNK_BYTES` and converted into its destination, so peak memory is the destination model
+plus one chunk. Nothing here unpickles or runs anything found in a checkpoint folder.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+CHUNK_BYTES = 64 << 20
+DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or folder that is missing, truncated, corrupt or of the wrong layout."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    file: Path
+    name: str
+    dtype: str  # safetensors code, e.g. "F32"
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def read_header(path: Path) -> dict[str, TensorEntry]:
+    """Parse and validate one .safetensors header; every entry must lie inside the file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated (no safetensors header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100 << 20):
+                raise CheckpointError(f"{path}: corrupt safetensors header (length {n}, file {size} bytes)")
+            raw = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header")
+    entries = {}
+    base = 8 + n
+    for name, info in raw.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name}: malformed header entry") from None
+        itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size() if dtype in DTYPES else None
+        if itemsize is not None and end - start != math.prod(shape) * itemsize:
+            raise CheckpointError(f"{path}: tensor {name}: {end - start} bytes do not match shape {list(shape)}")
+        if not 0 <= start <= end or base + end > size:
+            raise CheckpointError(f"{path}: truncated: tensor {name} ends at byte {base + end}, file has {size}")
+        entries[name] = TensorEntry(path, name, dtype, shape, base + start, end - start)
+    return entries
+
+
+def snapshot_tensors(folder: Path) -> dict[str, TensorEntry]:
+    """All tensors of a snapshot: `model.safetensors`, or the shards its index names."""
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointError(f"{index}: not a valid safetensors index (no weight_map)") from None
+        entries: dict[str, TensorEntry] = {}
+        for file in sorted(set(weight_map.values())):
+            shard = folder / file
+            if not shard.is_file():
+                raise CheckpointError(f"{shard}: shard named in {INDEX_FILE} is missing")
+            for name, e in read_header(shard).items():
+                if weight_map.get(name) != file:
+                    raise CheckpointError(f"{shard}: tensor {name} is not listed for this shard in {INDEX_FILE}")
+                entries[name] = e
+        unlisted = sorted(set(weight_map) - set(entries))
+        if unlisted:
+            raise CheckpointError(f"{index}: tensor {unlisted[0]} is listed but absent from {weight_map[unlisted[0]]}")
+        return entries
+    if (folder / SINGLE_FILE).is_file():
+        return read_header(folder / SINGLE_FILE)
+    raise CheckpointError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def read_into(entry: TensorEntry, dest: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+    """Fill a contiguous `dest` (any dtype, any device) from the file, converting chunk by chunk."""
+    src_dtype = DTYPES[entry.dtype]
+    flat = dest.view(-1)
+    itemsize = torch.empty((), dtype=src_dtype).element_size()
+    per_chunk = max(1, chunk_bytes // itemsize)
+    direct = dest.device.type == "cpu" and dest.dtype == src_dtype
+    buf = None if direct else torch.empty(min(per_chunk, flat.numel()), dtype=src_dtype)
+    with open(entry.file, "rb") as f:
+        for start in range(0, flat.numel(), per_chunk):
+            n = min(per_chunk, flat.numel() - start)
+            target = flat[start:start + n] if direct else buf[:n]
+            f.seek(entry.offset + start * itemsize)
+            got = f.readinto(memoryview(target.view(torch.uint8).numpy()))
+            if got != n * itemsize:
+                raise CheckpointError(f"{entry.file}: truncated while reading tensor {entry.name}")
+            if not direct:
+                flat[start:start + n].copy_(target)
+    return dest
+
+
+def read_tensor(entry: TensorEntry, dtype: torch.dtype | None = None) -> torch.Tensor:
+    if entry.dtype not in DTYPES:
+        raise CheckpointError(f"{entry.file}: tensor {entry.name} has unsupported dtype {entry.dtype}")
+    dest = torch.empty(entry.shape, dtype=dtype or DTYPES[entry.dtype])
+    return read_into(entry, dest)
+
+
+def write_safetensors(path: Path, specs: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
+                      produce: Callable[[str], torch.Tensor] | None, metadata: dict | None = None) -> int:
+    """Write a .safetensors file tensor by tensor: `produce(name)` is called once per tensor, in order.
+
+    With `produce=None` the data region is left as a hole (a sparse file of zeros), which is how
+    benchmarks make a full-size checkpoint without writing its bytes. Returns the file size.
+    """
+    specs = list(specs)
+    header, offset = {"__metadata__": metadata or {"format": "pt"}}, 0
+    for name, shape, dtype in specs:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        if produce is None:
+            f.truncate(8 + len(blob) + offset)
+        else:
+            for name, shape, dtype in specs:
+                t = produce(name).to(dtype).contiguous().cpu()
+                if tuple(t.shape) != tuple(shape):
+                    raise ValueError(f"tensor {name}: produced shape {list(t.shape)}, expected {list(shape)}")
+                f.write(memoryview(t.view(torch.uint8).numpy()))
+    return os.path.getsize(path)
+
+
+def write_snapshot(folder: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]],
+                   produce: Callable[[str], torch.Tensor] | None, max_shard_bytes: int | None = None) -> list[Path]:
+    """Write tensors as one `model.safetensors` or, past `max_shard_bytes`, shards plus an index."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shards: list[list] = [[]]
+    size = 0
+    for spec in specs:
+        nbytes = math.prod(spec[1]) * torch.empty((), dtype=spec[2]).element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    if len(shards) == 1:
+        write_safetensors(folder / SINGLE_FILE, shards[0], produce)
+        return [folder / SINGLE_FILE]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        write_safetensors(folder / name, shard, produce)
+    total = sum(math.prod(s[1]) * torch.empty((), dtype=s[2]).element_size() for s in specs)
+    weight_map = {spec[0]: name for name, shard in zip(names, shards) for spec in shard}
+    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return [folder / n for n in names]

@@ -1,0 +1,147 @@
+"""Qwen2 decoder in Molmo's layout: fused biased qkv, rotate-half rotary in fp32, GQA, SwiGLU."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LLMConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):  # statistics in fp32, whatever the mode
+            h = x.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, 1, T, head_dim] in fp32 for integer positions [B, T] (rotate-half layout)."""
+    with torch.autocast(positions.device.type, enabled=False):
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float) / head_dim)
+        freqs = positions.float()[..., None] * inv_freq  # [B, T, head_dim / 2]
+        angles = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    h = x.float()
+    x1, x2 = h.chunk(2, dim=-1)
+    return (h * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys and values [B, kv_heads, max_len, head_dim]; written in place by slot."""
+
+    def __init__(self, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype, device):
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k.index_copy_(2, slots, k.to(self.k.dtype))
+        self.v.index_copy_(2, slots, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, c: LLMConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = c.heads, c.kv_heads, c.head_dim
+        self.qkv = nn.Linear(c.hidden, (c.heads + 2 * c.kv_heads) * c.head_dim, bias=True)
+        self.out = nn.Linear(c.heads * c.head_dim, c.hidden, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, slots=None):
+        B, T, _ = x.shape
+        d = self.head_dim
+        q, k, v = self.qkv(x).split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
+        q = apply_rotary(q.view(B, T, self.heads, d).transpose(1, 2), cos, sin)  # [B, H, T, d]
+        k = apply_rotary(k.view(B, T, self.kv_heads, d).transpose(1, 2), cos, sin)  # [B, KV, T, d]
+        v = v.view(B, T, self.kv_heads, d).transpose(1, 2)
+        if self.cache is not None:
+            k, v = self.cache.update(slots, k, v)
+            S = mask.shape[-1]  # keys this call may see: the prompt at prefill, the whole cache after
+            k, v = k[:, :, :S], v[:, :, :S]
+        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                           enable_gqa=self.heads != self.kv_heads)
+        return self.out(o.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: LLMConfig):
+        super().__init__()
+        self.up_gate = nn.Linear(c.hidden, c.intermediate, bias=False)  # [value | gate]
+        self.down = nn.Linear(c.mlp_hidden, c.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.up_gate(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * value)
+
+
+class Block(nn.Module):
+    def __init__(self, c: LLMConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(c.hidden, c.norm_eps)
+        self.attn = Attention(c)
+        self.mlp_norm = RMSNorm(c.hidden, c.norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin, mask, slots=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, slots)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Embedding(nn.Module):
+    """The text table followed by Molmo's extra rows; id -1 (padding) embeds as id 0."""
+
+    def __init__(self, c: LLMConfig):
+        super().__init__()
+        self.base = nn.Parameter(torch.zeros(c.vocab, c.hidden))
+        self.extra = nn.Parameter(torch.zeros(c.extra_vocab, c.hidden))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        n = self.base.shape[0]
+        ids = ids.clamp(min=0)
+        base = F.embedding(ids.clamp(max=n - 1), self.base)
+        extra = F.embedding((ids - n).clamp(min=0), self.extra)
+        return torch.where((ids >= n).unsqueeze(-1), extra, base)
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: LLMConfig):
+        super().__init__()
+        self.config = c
+        self.embed = Embedding(c)
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.layers))
+        self.norm = RMSNorm(c.hidden, c.norm_eps)
+        self.lm_head = nn.Linear(c.hidden, c.vocab, bias=False)
+
+    def forward(self, x, positions, mask, slots=None) -> torch.Tensor:
+        """Embeddings [B, T, hidden] at positions [B, T] -> hidden states [B, T, hidden].
+
+        mask: bool [B, 1, T, S], True where a query may attend to a key. With a KV cache set up,
+        slots [T] are the cache columns this call writes and S the cache columns it reads.
+        """
+        cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
+        for block in self.blocks:
+            x = block(x, cos, sin, mask, slots)
+        return x
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(h))
+
+    def setup_cache(self, batch: int, max_len: int, dtype, device) -> None:
+        c = self.config
+        for block in self.blocks:
+            block.attn.cache = KVCache(batch, max_len, c.kv_heads, c.head_dim, dtype, device)
+
+    def clear_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.cache = None

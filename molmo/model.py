@@ -1,0 +1,142 @@
+"""The whole Molmo: vision encoder -> connector -> features added into the decoder's embeddings."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import MolmoConfig
+from .connector import Connector
+from .llm import Decoder
+from .vision import VisionEncoder
+
+MODES = ("fp32", "autocast", "bf16")
+
+
+def positions_and_mask(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions [B, L] (padding -1 does not advance them) and a causal bool mask [B, 1, L, L].
+
+    Padding keys are masked out; each query may always see itself so no row is empty.
+    """
+    valid = input_ids != -1
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    L = input_ids.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=input_ids.device).tril()
+    eye = torch.eye(L, dtype=torch.bool, device=input_ids.device)
+    mask = causal & (valid[:, None, :] | eye)
+    return positions, mask.unsqueeze(1)
+
+
+class Molmo(nn.Module):
+    """Molmo-7B-D. Build from a config (weights uninitialised) or load with `from_pretrained`."""
+
+    def __init__(self, config: MolmoConfig):
+        super().__init__()
+        self.config = config
+        self.vision = VisionEncoder(config.vision)
+        self.connector = Connector(config)
+        self.llm = Decoder(config.llm)
+        self.mode = "fp32"
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path, dtype: str | torch.dtype = "fp32",
+                        device: str | torch.device | None = None, revision: str | None = None) -> "Molmo":
+        """Load a Molmo snapshot: a local folder or a Hugging Face hub id (downloaded into the HF cache).
+
+        dtype: "fp32", "autocast" (fp32 weights, bf16 matmuls) or "bf16" (also torch dtypes).
+        device: defaults to CUDA when available.
+        """
+        from .loading import load_model, resolve_snapshot
+
+        mode = precision_mode(dtype)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        folder = resolve_snapshot(path_or_id, revision=revision)
+        model = load_model(folder, dtype=torch.bfloat16 if mode == "bf16" else torch.float32, device=device)
+        model.mode = mode
+        return model
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.lm_head.weight.dtype
+
+    def set_mode(self, mode: str | torch.dtype) -> "Molmo":
+        """Switch precision: fp32 and autocast keep fp32 weights, bf16 casts them."""
+        self.mode = precision_mode(mode)
+        return self.to(torch.bfloat16 if self.mode == "bf16" else torch.float32)
+
+    def precision(self):
+        """The autocast context of the current mode (a no-op outside autocast mode)."""
+        if self.mode == "autocast":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def image_features(self, images: torch.Tensor, image_masks: torch.Tensor) -> torch.Tensor:
+        """images [B, n_crops, 576, 588], image_masks [B, n_crops, 576] -> [B, n_crops, 144, hidden]."""
+        B, n = images.shape[:2]
+        feats = self.vision(images.flatten(0, 1).to(self.dtype))  # [B*n, 576, 2*width]
+        return self.connector(feats.unflatten(0, (B, n)), image_masks)
+
+    def embed(self, input_ids, images=None, image_masks=None, image_input_idx=None) -> torch.Tensor:
+        """Token embeddings [B, L, hidden] with image features added at `image_input_idx` (< 0: skipped)."""
+        x = self.llm.embed(input_ids)
+        if images is None:
+            return x
+        if image_masks is None:
+            image_masks = torch.ones(images.shape[:3], device=images.device)
+        feats = self.image_features(images, image_masks).flatten(1, 2)  # [B, n*144, hidden]
+        idx = image_input_idx.flatten(1)  # [B, n*144]
+        keep = idx >= 0
+        rows = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)
+        return x.index_put((rows[keep], idx[keep]), feats[keep].to(x.dtype), accumulate=True)
+
+    def forward(self, input_ids, images=None, image_masks=None, image_input_idx=None) -> torch.Tensor:
+        """Logits [B, L, vocab] for every position, no cache. Rows may be right-padded with -1."""
+        check_inputs(self.config, input_ids, images, image_masks, image_input_idx)
+        with self.precision():
+            positions, mask = positions_and_mask(input_ids)
+            x = self.embed(input_ids, images, image_masks, image_input_idx)
+            return self.llm.logits(self.llm(x, positions, mask)).float()
+
+    def generate_from_batch(self, batch: dict, generation_config=None, tokenizer=None, **kwargs) -> torch.Tensor:
+        """The model card's call: a processed (batched) dict in, prompt + new tokens [B, L + n] out."""
+        from .generation import generate_from_batch
+
+        return generate_from_batch(self, batch, generation_config, tokenizer=tokenizer, **kwargs)
+
+
+def precision_mode(dtype: str | torch.dtype) -> str:
+    aliases = {torch.float32: "fp32", torch.bfloat16: "bf16", "float32": "fp32", "bfloat16": "bf16",
+               "autocast_bf16": "autocast"}
+    mode = aliases.get(dtype, dtype)
+    if mode not in MODES:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(MODES)}")
+    return mode
+
+
+def check_inputs(config: MolmoConfig, input_ids, images, image_masks, image_input_idx) -> None:
+    """One clear error for inputs of the wrong shape or range, before any compute."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+    n_vocab = config.llm.vocab + config.llm.extra_vocab
+    if input_ids.numel() and (input_ids.min() < -1 or input_ids.max() >= n_vocab):
+        raise ValueError(f"input_ids must lie in [-1, {n_vocab}), got [{input_ids.min()}, {input_ids.max()}]")
+    if images is None:
+        return
+    v = config.vision
+    B, L = input_ids.shape
+    want = (B, images.shape[1], v.grid * v.grid, v.patch_dim)
+    if images.dim() != 4 or tuple(images.shape) != want:
+        raise ValueError(f"images must have shape {want} (batch, crops, patches, pixels), got {tuple(images.shape)}")
+    if image_input_idx is None or tuple(image_input_idx.shape) != (B, want[1], v.pooled_grid**2):
+        got = None if image_input_idx is None else tuple(image_input_idx.shape)
+        raise ValueError(f"image_input_idx must have shape {(B, want[1], v.pooled_grid**2)}, got {got}")
+    if image_masks is not None and tuple(image_masks.shape) != want[:3]:
+        raise ValueError(f"image_masks must have shape {want[:3]}, got {tuple(image_masks.shape)}")
+    if image_input_idx.numel() and image_input_idx.max() >= L:
+        raise ValueError(f"image_input_idx points past the sequence (max {image_input_idx.max()}, length {L})")
