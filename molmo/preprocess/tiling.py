@@ -1,0 +1,165 @@
+"""Multi-crop tiling: resize-and-pad, the tiling choice, overlapping crops, patches and token layout."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """The `preprocessor_config.json` fields, with the 7B-D values."""
+
+    max_crops: int = 12
+    overlap_margins: tuple[int, int] = (4, 4)  # patches dropped at the (left/top, right/bottom) of crops
+    crop_size: int = 336  # base_image_input_size
+    patch_size: int = 14
+    tokens_per_side: int = 12  # image_token_length_h / _w
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    def __post_init__(self):
+        lm, rm = self.overlap_margins
+        if not (isinstance(self.max_crops, int) and self.max_crops >= 1):
+            raise ValueError(f"max_crops must be an integer >= 1, got {self.max_crops!r}")
+        if lm < 0 or rm < 0 or lm % 2 or rm % 2:
+            raise ValueError(f"overlap_margins must be even and >= 0 (2x2 pooling), got {tuple(self.overlap_margins)}")
+        if lm + rm >= self.patches_per_crop:
+            raise ValueError(f"overlap_margins {tuple(self.overlap_margins)} leave no patches in a crop")
+        if (self.patches_per_crop + 1) // 2 != self.tokens_per_side:
+            raise ValueError("crop_size / patch_size must pool 2x2 into tokens_per_side tokens")
+
+    @property
+    def patches_per_crop(self) -> int:
+        return self.crop_size // self.patch_size  # 24
+
+    @property
+    def window_patches(self) -> int:
+        return self.patches_per_crop - sum(self.overlap_margins)  # 16: patches each crop contributes
+
+    @classmethod
+    def from_hf(cls, folder: str | Path) -> "ImageConfig":
+        """Read `preprocessor_config.json` from a snapshot (defaults when the file is absent)."""
+        path = Path(folder) / "preprocessor_config.json"
+        if not path.is_file():
+            return cls()
+        raw = json.loads(path.read_text())
+        size = raw.get("base_image_input_size", [336, 336])
+        return cls(
+            max_crops=int(raw.get("max_crops", 12)),
+            overlap_margins=tuple(raw.get("overlap_margins", (4, 4))),
+            crop_size=int(size[0] if isinstance(size, (list, tuple)) else size),
+            patch_size=int(raw.get("image_patch_size", 14)),
+            tokens_per_side=int(raw.get("image_token_length_h", 12)),
+            mean=tuple(raw.get("image_mean", CLIP_MEAN)),
+            std=tuple(raw.get("image_std", CLIP_STD)),
+        )
+
+    def override(self, **kwargs) -> "ImageConfig":
+        kwargs = {k: tuple(v) if k == "overlap_margins" else v for k, v in kwargs.items() if v is not None}
+        return replace(self, **kwargs)
+
+
+def select_tiling(h: int, w: int, window: int, max_crops: int) -> tuple[int, int]:
+    """(rows, cols) of crops: the least upscaling that fits, else the least downscaling (float32 math)."""
+    cands = sorted(((i, j) for i in range(1, max_crops + 1) for j in range(1, max_crops + 1) if i * j <= max_crops),
+                   key=lambda t: (t[0] * t[1], t[0]))
+    res = np.array(cands, dtype=np.float32) * np.float32(window)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = (res / np.array([h, w], dtype=np.float32)).min(axis=1)
+    if np.all(scale < 1):
+        return cands[int(np.argmax(scale))]
+    return cands[int(np.argmin(np.where(scale < 1, np.float32(10e9), scale)))]
+
+
+def resize_and_pad(image: torch.Tensor, height: int, width: int, cfg: ImageConfig):
+    """uint8 [3, h, w] -> normalised float32 [3, height, width] and a real-pixel mask [height, width]."""
+    h, w = image.shape[1:]
+    scale = min(np.float32(height) / np.float32(h), np.float32(width) / np.float32(w))
+    # The reference truncates float32(h) * scale; at least one pixel survives very thin images.
+    nh, nw = max(1, int(np.float32(h) * scale)), max(1, int(np.float32(w) * scale))
+    x = image.unsqueeze(0).float().div_(255)
+    x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0].clamp_(0, 1)
+    top, left = (height - nh) // 2, (width - nw) // 2
+    out = torch.zeros(3, height, width)
+    out[:, top:top + nh, left:left + nw] = x
+    mean = torch.tensor(cfg.mean, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(cfg.std, dtype=torch.float32)[:, None, None]
+    out.sub_(mean).div_(std)
+    mask = torch.zeros(height, width)
+    mask[top:top + nh, left:left + nw] = 1
+    return out, mask
+
+
+def to_patches(crops: torch.Tensor, p: int) -> torch.Tensor:
+    """[n, 3, S, S] -> [n, (S/p)^2, p*p*3] with pixels ordered (row, column, channel)."""
+    n, c, S, _ = crops.shape
+    g = S // p
+    x = crops.reshape(n, c, g, p, g, p).permute(0, 2, 4, 3, 5, 1)  # [n, gy, gx, py, px, c]
+    return x.reshape(n, g * g, p * p * c)
+
+
+def crop_windows(n: int, cfg: ImageConfig) -> list[tuple[int, int]]:
+    """For each of n crops along one axis: (first kept pooled token, number kept) in its pooled grid."""
+    lm, rm = cfg.overlap_margins
+    out = []
+    for i in range(n):
+        patches = cfg.window_patches + (lm if i == 0 else 0) + (rm if i == n - 1 else 0)
+        out.append((0 if i == 0 else lm // 2, (patches + 1) // 2))
+    return out
+
+
+@dataclass
+class ImageInputs:
+    tokens: np.ndarray  # int64 [n_tokens]: the image's token block
+    patches: torch.Tensor  # float32 [n_crops, patches, pixels]: global view first
+    patch_pos: np.ndarray  # int64 [n_crops, tokens_per_crop]: offset in `tokens` fed, -100 if dropped
+    masks: torch.Tensor  # float32 [n_crops, patches]: real-pixel fraction, shifted one crop (see SPEC.md)
+
+
+def tile_image(image: np.ndarray, cfg: ImageConfig, ids: dict[str, int]) -> ImageInputs:
+    """One RGB uint8 image [H, W, 3] -> its crops, token block and the pooled-token positions."""
+    T, P = cfg.tokens_per_side, cfg.patch_size
+    lm, rm = cfg.overlap_margins
+    margin_px, window_px = (lm + rm) * P, cfg.window_patches * P
+    src = torch.from_numpy(image).permute(2, 0, 1)  # [3, H, W] uint8
+    rows, cols = select_tiling(image.shape[0] - margin_px, image.shape[1] - margin_px, window_px, cfg.max_crops)
+
+    big, big_mask = resize_and_pad(src, rows * window_px + margin_px, cols * window_px + margin_px, cfg)
+    crops = big.unfold(1, cfg.crop_size, window_px).unfold(2, cfg.crop_size, window_px)  # [3, r, c, S, S]
+    crops = crops.permute(1, 2, 0, 3, 4).reshape(rows * cols, 3, cfg.crop_size, cfg.crop_size)
+    crop_masks = big_mask.unfold(0, cfg.crop_size, window_px).unfold(1, cfg.crop_size, window_px)
+    crop_masks = crop_masks.reshape(rows * cols, cfg.crop_size // P, P, cfg.crop_size // P, P)
+    crop_masks = crop_masks.permute(0, 1, 3, 2, 4).flatten(3).mean(-1).flatten(1)  # [n, patches]
+    glob, _ = resize_and_pad(src, cfg.crop_size, cfg.crop_size, cfg)
+    patches = to_patches(torch.cat([glob[None], crops]), P)
+    masks = torch.cat([crop_masks, torch.full_like(crop_masks[:1], -1)])  # the reference's shift
+
+    # Token block: global view, then the tiled view's pooled tokens in raster order over the image.
+    gh, gw = rows * cfg.window_patches + lm + rm, cols * cfg.window_patches + lm + rm
+    H, W = (gh + 1) // 2, (gw + 1) // 2
+    def block(h, w):
+        grid = np.full((h, w + 1), ids["<im_patch>"], dtype=np.int64)
+        grid[:, -1] = ids["<im_col>"]
+        return np.concatenate([[ids["<im_start>"]], grid.ravel(), [ids["<im_end>"]]])
+    tokens = np.concatenate([block(T, T), block(H, W)])
+
+    patch_pos = np.full((1 + rows * cols, T, T), -100, dtype=np.int64)
+    patch_pos[0] = 1 + np.arange(T)[:, None] * (T + 1) + np.arange(T)[None, :]
+    tiled0 = 1 + T * (T + 1) + 1 + 1  # first pooled token of the tiled block
+    ys, xs = crop_windows(rows, cfg), crop_windows(cols, cfg)
+    row0 = np.cumsum([0] + [n for _, n in ys])
+    col0 = np.cumsum([0] + [n for _, n in xs])
+    for r, (y0, ny) in enumerate(ys):
+        for c, (x0, nx) in enumerate(xs):
+            gr = row0[r] + np.arange(ny)[:, None]
+            gc = col0[c] + np.arange(nx)[None, :]
+            patch_pos[1 + r * cols + c, y0:y0 + ny, x0:x0 + nx] = tiled0 + gr * (W + 1) + gc
+    return ImageInputs(tokens, patches, patch_pos.reshape(1 + rows * cols, T * T), masks)
