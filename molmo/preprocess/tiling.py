@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -80,30 +81,31 @@ def select_tiling(h: int, w: int, window: int, max_crops: int) -> tuple[int, int
 
 
 def resize_and_pad(image: torch.Tensor, height: int, width: int, cfg: ImageConfig):
-    """uint8 [3, h, w] -> normalised float32 [3, height, width] and a real-pixel mask [height, width]."""
-    h, w = image.shape[1:]
+    """float32 [h, w, 3] in [0, 1] -> normalised [height, width, 3] and a real-pixel mask [height, width]."""
+    h, w = image.shape[:2]
     scale = min(np.float32(height) / np.float32(h), np.float32(width) / np.float32(w))
     # The reference truncates float32(h) * scale; at least one pixel survives very thin images.
     nh, nw = max(1, int(np.float32(h) * scale)), max(1, int(np.float32(w) * scale))
-    x = image.unsqueeze(0).float().div_(255)
-    x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0].clamp_(0, 1)
+    x = image.permute(2, 0, 1).unsqueeze(0)  # channels-last [1, 3, h, w]
+    x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
     top, left = (height - nh) // 2, (width - nw) // 2
-    out = torch.zeros(3, height, width)
-    out[:, top:top + nh, left:left + nw] = x
-    mean = torch.tensor(cfg.mean, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(cfg.std, dtype=torch.float32)[:, None, None]
-    out.sub_(mean).div_(std)
+    out = torch.zeros(height, width, 3)
+    out[top:top + nh, left:left + nw] = x[0].permute(1, 2, 0).clamp_(0, 1)
+    out.sub_(torch.tensor(cfg.mean, dtype=torch.float32)).div_(torch.tensor(cfg.std, dtype=torch.float32))
     mask = torch.zeros(height, width)
     mask[top:top + nh, left:left + nw] = 1
     return out, mask
 
 
-def to_patches(crops: torch.Tensor, p: int) -> torch.Tensor:
-    """[n, 3, S, S] -> [n, (S/p)^2, p*p*3] with pixels ordered (row, column, channel)."""
-    n, c, S, _ = crops.shape
-    g = S // p
-    x = crops.reshape(n, c, g, p, g, p).permute(0, 2, 4, 3, 5, 1)  # [n, gy, gx, py, px, c]
-    return x.reshape(n, g * g, p * p * c)
+def crops_to_patches(img: torch.Tensor, rows: int, cols: int, stride: int, cfg: ImageConfig) -> torch.Tensor:
+    """[H, W, C] -> [rows * cols, (S/p)^2, p*p*C]: S-pixel crops every `stride` pixels, cut into patches
+    with pixels in (row, column, channel) order, in one copy."""
+    H, W, C = img.shape
+    p, g = cfg.patch_size, cfg.crop_size // cfg.patch_size
+    s = img.stride()
+    view = img.as_strided((rows, cols, g, g, p, p, C),
+                          (stride * s[0], stride * s[1], p * s[0], p * s[1], s[0], s[1], s[2]))
+    return view.reshape(rows * cols, g * g, p * p * C)
 
 
 def crop_windows(n: int, cfg: ImageConfig) -> list[tuple[int, int]]:
@@ -129,17 +131,15 @@ def tile_image(image: np.ndarray, cfg: ImageConfig, ids: dict[str, int]) -> Imag
     T, P = cfg.tokens_per_side, cfg.patch_size
     lm, rm = cfg.overlap_margins
     margin_px, window_px = (lm + rm) * P, cfg.window_patches * P
-    src = torch.from_numpy(image).permute(2, 0, 1)  # [3, H, W] uint8
+    with warnings.catch_warnings():  # PIL's arrays are read-only; we only read them
+        warnings.simplefilter("ignore", UserWarning)
+        src = torch.from_numpy(image).float().div_(255)  # [H, W, 3] in [0, 1]
     rows, cols = select_tiling(image.shape[0] - margin_px, image.shape[1] - margin_px, window_px, cfg.max_crops)
 
     big, big_mask = resize_and_pad(src, rows * window_px + margin_px, cols * window_px + margin_px, cfg)
-    crops = big.unfold(1, cfg.crop_size, window_px).unfold(2, cfg.crop_size, window_px)  # [3, r, c, S, S]
-    crops = crops.permute(1, 2, 0, 3, 4).reshape(rows * cols, 3, cfg.crop_size, cfg.crop_size)
-    crop_masks = big_mask.unfold(0, cfg.crop_size, window_px).unfold(1, cfg.crop_size, window_px)
-    crop_masks = crop_masks.reshape(rows * cols, cfg.crop_size // P, P, cfg.crop_size // P, P)
-    crop_masks = crop_masks.permute(0, 1, 3, 2, 4).flatten(3).mean(-1).flatten(1)  # [n, patches]
     glob, _ = resize_and_pad(src, cfg.crop_size, cfg.crop_size, cfg)
-    patches = to_patches(torch.cat([glob[None], crops]), P)
+    patches = torch.cat([crops_to_patches(glob, 1, 1, 0, cfg), crops_to_patches(big, rows, cols, window_px, cfg)])
+    crop_masks = crops_to_patches(big_mask[..., None], rows, cols, window_px, cfg).mean(-1)  # [n, patches]
     masks = torch.cat([crop_masks, torch.full_like(crop_masks[:1], -1)])  # the reference's shift
 
     # Token block: global view, then the tiled view's pooled tokens in raster order over the image.
