@@ -101,24 +101,37 @@ def snapshot_tensors(folder: Path) -> dict[str, TensorEntry]:
     raise CheckpointError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 
+def iter_chunks(entry: TensorEntry, chunk_bytes: int = CHUNK_BYTES, out: torch.Tensor | None = None):
+    """Yield (first element, flat CPU chunk in the file's dtype) over a tensor's data.
+
+    With `out` (a flat CPU tensor of the file's dtype) bytes land directly in it, chunk by chunk.
+    """
+    if entry.dtype not in DTYPES:
+        raise CheckpointError(f"{entry.file}: tensor {entry.name} has unsupported dtype {entry.dtype}")
+    src_dtype = DTYPES[entry.dtype]
+    itemsize = torch.empty((), dtype=src_dtype).element_size()
+    total = entry.nbytes // itemsize
+    per_chunk = max(1, chunk_bytes // itemsize)
+    buf = None if out is not None else torch.empty(min(per_chunk, total), dtype=src_dtype)
+    with open(entry.file, "rb") as f:
+        for start in range(0, total, per_chunk):
+            n = min(per_chunk, total - start)
+            target = out[start:start + n] if out is not None else buf[:n]
+            f.seek(entry.offset + start * itemsize)
+            if f.readinto(memoryview(target.view(torch.uint8).numpy())) != n * itemsize:
+                raise CheckpointError(f"{entry.file}: truncated while reading tensor {entry.name}")
+            yield start, target
+
+
 def read_into(entry: TensorEntry, dest: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
     """Fill a contiguous `dest` (any dtype, any device) from the file, converting chunk by chunk."""
-    src_dtype = DTYPES[entry.dtype]
     flat = dest.view(-1)
-    itemsize = torch.empty((), dtype=src_dtype).element_size()
-    per_chunk = max(1, chunk_bytes // itemsize)
-    direct = dest.device.type == "cpu" and dest.dtype == src_dtype
-    buf = None if direct else torch.empty(min(per_chunk, flat.numel()), dtype=src_dtype)
-    with open(entry.file, "rb") as f:
-        for start in range(0, flat.numel(), per_chunk):
-            n = min(per_chunk, flat.numel() - start)
-            target = flat[start:start + n] if direct else buf[:n]
-            f.seek(entry.offset + start * itemsize)
-            got = f.readinto(memoryview(target.view(torch.uint8).numpy()))
-            if got != n * itemsize:
-                raise CheckpointError(f"{entry.file}: truncated while reading tensor {entry.name}")
-            if not direct:
-                flat[start:start + n].copy_(target)
+    if dest.device.type == "cpu" and DTYPES.get(entry.dtype) == dest.dtype:
+        for _ in iter_chunks(entry, chunk_bytes, out=flat):
+            pass
+        return dest
+    for start, chunk in iter_chunks(entry, chunk_bytes):
+        flat[start:start + chunk.numel()].copy_(chunk)
     return dest
 
 
@@ -133,6 +146,7 @@ def write_safetensors(path: Path, specs: Iterable[tuple[str, tuple[int, ...], to
                       produce: Callable[[str], torch.Tensor] | None, metadata: dict | None = None) -> int:
     """Write a .safetensors file tensor by tensor: `produce(name)` is called once per tensor, in order.
 
+    `produce` returns the tensor, or an iterable of flat chunks that together make it (streaming).
     With `produce=None` the data region is left as a hole (a sparse file of zeros), which is how
     benchmarks make a full-size checkpoint without writing its bytes. Returns the file size.
     """
@@ -150,10 +164,18 @@ def write_safetensors(path: Path, specs: Iterable[tuple[str, tuple[int, ...], to
             f.truncate(8 + len(blob) + offset)
         else:
             for name, shape, dtype in specs:
-                t = produce(name).to(dtype).contiguous().cpu()
-                if tuple(t.shape) != tuple(shape):
-                    raise ValueError(f"tensor {name}: produced shape {list(t.shape)}, expected {list(shape)}")
-                f.write(memoryview(t.view(torch.uint8).numpy()))
+                data = produce(name)
+                if isinstance(data, torch.Tensor):
+                    if tuple(data.shape) != tuple(shape):
+                        raise ValueError(f"tensor {name}: produced shape {list(data.shape)}, expected {list(shape)}")
+                    data = [data.reshape(-1)]
+                written = 0
+                for chunk in data:
+                    chunk = chunk.detach().to("cpu", dtype).contiguous()
+                    f.write(memoryview(chunk.view(torch.uint8).numpy()))
+                    written += chunk.numel()
+                if written != math.prod(shape):
+                    raise ValueError(f"tensor {name}: produced {written} values, expected {math.prod(shape)}")
     return os.path.getsize(path)
 
 

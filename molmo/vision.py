@@ -92,7 +92,8 @@ class VisionEncoder(nn.Module):
             table = table.permute(0, 2, 3, 1).reshape(grid * grid, -1)
         return torch.cat([cls, table], dim=0)
 
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, patches: torch.Tensor, n_blocks: int | None = None) -> list[torch.Tensor]:
+        """Outputs [N, 1 + P, width] of the first `n_blocks` blocks (class token first)."""
         c = self.config
         N, P, _ = patches.shape
         x = self.patch_embed(patches)  # [N, P, width]
@@ -100,10 +101,15 @@ class VisionEncoder(nn.Module):
         x = torch.cat([cls, x], dim=1) + self.positions(math.isqrt(P)).to(x.dtype)  # [N, 1 + P, width]
         x = F.layer_norm(x.float(), (c.width,), self.pre_norm.weight.float(), self.pre_norm.bias.float(),
                          c.norm_eps).to(x.dtype)
-        saved = {}
-        for i in range(self.n_run):
-            x = self.blocks[i](x)
-            saved[i] = x
-        feats = torch.cat([saved[i % c.layers] for i in c.feature_layers], dim=-1)  # [N, 1 + P, 2*width]
+        out = []
+        for block in self.blocks[: n_blocks or c.layers]:
+            x = block(x)
+            out.append(x)
+        return out
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        hidden = self.hidden_states(patches, self.n_run)
+        feats = torch.cat([hidden[i % c.layers] for i in c.feature_layers], dim=-1)  # [N, 1 + P, 2*width]
         real = (patches != -1).flatten(1).any(dim=1)  # crops of all -1 are batch padding
         return feats[:, 1:] * real[:, None, None]

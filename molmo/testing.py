@@ -1,0 +1,50 @@
+"""Random-weight Molmo checkpoints in the published layout, for tests and benchmarks."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from .checkpoint import write_snapshot
+from .config import MolmoConfig
+from .loading import build_meta, expected_tensors, published_name
+from .model import Molmo
+
+
+def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Values that keep activations in a sane range: norms near 1, weights ~ 1/sqrt(fan_in)."""
+    if name.endswith(("norm.weight", "ln.weight", "ln_f.weight")):
+        return 1 + 0.1 * torch.randn(shape, generator=gen)
+    if len(shape) == 1 or name.endswith(("embedding", "new_embedding", "pad_embed")):
+        return 0.5 * torch.randn(shape, generator=gen)
+    return torch.randn(shape, generator=gen) / math.sqrt(shape[-1])
+
+
+def random_model(config: MolmoConfig, seed: int = 0, dtype=torch.float32, device="cpu") -> Molmo:
+    """A Molmo with random weights, built directly in memory (no checkpoint)."""
+    gen = torch.Generator().manual_seed(seed)
+    model = build_meta(config)
+    for name, p in list(model.named_parameters()):
+        t = random_tensor(published_name(name), tuple(p.shape), gen).to(device=device, dtype=dtype)
+        module, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(module), attr, torch.nn.Parameter(t, requires_grad=False))
+    return model.eval()
+
+
+def write_random_checkpoint(folder: str | Path, config: MolmoConfig, seed: int = 0, dtype=torch.float32,
+                            max_shard_bytes: int | None = None, tokenizer_dir: str | Path | None = None) -> Path:
+    """Write config.json and random weights (one file, or shards past `max_shard_bytes`)."""
+    folder = Path(folder)
+    gen = torch.Generator().manual_seed(seed)
+    shapes = expected_tensors(config)
+    specs = [(n, s, dtype) for n, s in shapes.items()]
+    write_snapshot(folder, specs, lambda n: random_tensor(n, shapes[n], gen), max_shard_bytes=max_shard_bytes)
+    (folder / "config.json").write_text(json.dumps(config.to_hf(), indent=2))
+    if tokenizer_dir is not None:
+        for f in Path(tokenizer_dir).iterdir():
+            if f.is_file():
+                shutil.copy2(f, folder / f.name)
+    return folder

@@ -1,0 +1,75 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from molmo.config import LLMConfig, MolmoConfig, VisionConfig
+from molmo.testing import write_random_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MOLMO_SHARED", ROOT.parent / "shared"))
+GOLDEN = SHARED / "golden"
+TOKENIZER = SHARED / "tokenizer"
+FACTS = SHARED / "checkpoint-facts"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def golden_cases(section: str) -> list[dict]:
+    path = GOLDEN / section / "cases.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+# A tiny model whose vocabulary is the real tokenizer's, so text round-trips.
+TOKENIZER_TINY = MolmoConfig(
+    vision=VisionConfig(width=32, heads=2, kv_heads=2, head_dim=16, layers=10, mlp_dim=64),
+    llm=LLMConfig(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, vocab=152064),
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A random tiny Molmo (small vocabulary) in the published single-file layout."""
+    return write_random_checkpoint(tmp_path_factory.mktemp("tiny"), MolmoConfig.tiny(), seed=1)
+
+
+@pytest.fixture(scope="session")
+def text_model_dir(tmp_path_factory) -> Path:
+    """A random tiny Molmo with the real tokenizer and vocabulary: a complete snapshot for the CLI."""
+    folder = tmp_path_factory.mktemp("snapshot")
+    write_random_checkpoint(folder, TOKENIZER_TINY, seed=2, tokenizer_dir=TOKENIZER)
+    (folder / "preprocessor_config.json").write_text((FACTS / "preprocessor_config.json").read_text())
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_pair(tmp_path_factory):
+    """A tiny transformers CLIPVisionModel and Qwen2ForCausalLM (random), saved, and converted by
+    `convert.from_hf` into a Molmo snapshot: (clip model, qwen model, clip dir, qwen dir, molmo dir)."""
+    transformers = pytest.importorskip("transformers")
+    from molmo.convert import from_hf
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("hf")
+    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=11,
+        image_size=336, patch_size=14, hidden_act="quick_gelu", attn_implementation="eager")).eval()
+    qwen = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=2, vocab_size=384, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=4096,
+        tie_word_embeddings=False, attn_implementation="eager")).eval()
+    with torch.no_grad():  # transformers zero-initialises biases; random ones test the mapping better
+        for name, p in list(clip.named_parameters()) + list(qwen.named_parameters()):
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    clip.save_pretrained(root / "clip")
+    qwen.save_pretrained(root / "qwen2")
+    from_hf(root / "clip", root / "qwen2", root / "molmo", seed=0, progress=False)
+    return clip, qwen, root / "clip", root / "qwen2", root / "molmo"

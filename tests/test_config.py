@@ -1,0 +1,60 @@
+import json
+
+import pytest
+
+from molmo.config import ConfigError, MolmoConfig
+from molmo.loading import expected_tensors, parameter_counts
+
+from conftest import FACTS, GOLDEN
+
+
+def test_published_7b_config_has_exact_parameter_counts_per_part():
+    counts = parameter_counts(MolmoConfig.from_hf(FACTS))
+    assert counts == {"vision": 290_909_184, "connector": 114_040_832, "llm": 7_616_075_264,
+                      "total": 8_021_025_280}
+
+
+def test_published_7b_tensor_names_and_shapes_equal_tensors_json():
+    facts = json.loads((FACTS / "tensors.json").read_text())
+    ours = expected_tensors(MolmoConfig.from_hf(FACTS))
+    assert ours == {k: tuple(v) for k, v in facts["tensors"].items()}
+    assert sum(__import__("math").prod(s) for s in ours.values()) == facts["total_parameters"]
+
+
+def test_defaults_are_the_published_7b_numbers():
+    assert MolmoConfig.from_hf(FACTS) == MolmoConfig()
+
+
+def test_vision_backbone_override_is_read():
+    cfg = MolmoConfig.from_hf(GOLDEN / "model" / "checkpoint")
+    assert (cfg.vision.width, cfg.vision.heads, cfg.vision.head_dim, cfg.vision.layers, cfg.vision.mlp_dim) == \
+        (64, 4, 16, 10, 128)
+    assert (cfg.llm.hidden, cfg.llm.vocab, cfg.llm.kv_heads) == (64, 512, 2)
+
+
+def test_to_hf_round_trips_through_from_hf():
+    for cfg in (MolmoConfig(), MolmoConfig.tiny()):
+        assert MolmoConfig.from_hf(cfg.to_hf()) == cfg
+
+
+@pytest.mark.parametrize("key,value", [("layer_norm_type", "default"), ("norm_after", True),
+                                       ("attention_layer_norm", True), ("clip_qkv", 8.0),
+                                       ("weight_tying", True)])
+def test_unsupported_config_values_raise_naming_the_key(tmp_path, key, value):
+    raw = MolmoConfig.tiny().to_hf() | {key: value}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=key):
+        MolmoConfig.from_hf(tmp_path)
+
+
+def test_missing_config_and_missing_key_raise_clearly(tmp_path):
+    with pytest.raises(ConfigError, match="config.json not found"):
+        MolmoConfig.from_hf(tmp_path)
+    raw = MolmoConfig.tiny().to_hf()
+    del raw["hidden_size"]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match="hidden_size"):
+        MolmoConfig.from_hf(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not readable JSON"):
+        MolmoConfig.from_hf(tmp_path)

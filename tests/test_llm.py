@@ -1,0 +1,41 @@
+"""The decoder against transformers' Qwen2ForCausalLM, and its cache against full recomputation."""
+import torch
+
+from molmo import Molmo
+from molmo.model import positions_and_mask
+
+from conftest import rel
+
+
+def test_logits_match_qwen2_for_causal_lm(hf_pair):
+    _, qwen, _, _, molmo_dir = hf_pair
+    model = Molmo.from_pretrained(molmo_dir, device="cpu")
+    ids = torch.randint(0, 384, (2, 37))
+    with torch.no_grad():
+        ref = qwen(input_ids=ids).logits
+        ours = model(ids)
+    assert rel(ours, ref) <= 1e-5
+
+
+def test_right_padding_does_not_change_real_positions(hf_pair):
+    _, qwen, _, _, molmo_dir = hf_pair
+    model = Molmo.from_pretrained(molmo_dir, device="cpu")
+    ids = torch.randint(0, 384, (1, 20))
+    padded = torch.cat([ids, torch.full((1, 5), -1)], 1)
+    with torch.no_grad():
+        assert rel(model(padded)[:, :20], qwen(input_ids=ids).logits) <= 1e-5
+
+
+def test_extra_embedding_rows_serve_ids_past_the_vocabulary(hf_pair):
+    model = Molmo.from_pretrained(hf_pair[4], device="cpu")
+    emb = model.llm.embed(torch.tensor([[0, 383, 384, 511, -1]]))[0]
+    assert torch.equal(emb[1], model.llm.embed.base[383])
+    assert torch.equal(emb[2], model.llm.embed.extra[0]) and torch.equal(emb[3], model.llm.embed.extra[127])
+    assert torch.equal(emb[4], model.llm.embed.base[0])  # padding embeds as id 0
+
+
+def test_positions_skip_padding_and_mask_hides_padding_keys():
+    ids = torch.tensor([[5, 6, -1, -1], [5, 6, 7, 8]])
+    pos, mask = positions_and_mask(ids)
+    assert pos.tolist() == [[0, 1, 1, 1], [0, 1, 2, 3]]
+    assert not mask[0, 0, 3, 2] and mask[0, 0, 3, 3] and mask[0, 0, 1, 0] and not mask[1, 0, 0, 1]

@@ -1,0 +1,56 @@
+"""The whole model against the reference's recorded outputs (fp32) and its own invariants."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from molmo import Molmo
+
+from conftest import GOLDEN, golden_cases, rel
+
+CASES = golden_cases("model")
+
+
+@pytest.fixture(scope="module")
+def golden_model():
+    return Molmo.from_pretrained(GOLDEN / "model" / "checkpoint", dtype="fp32", device="cpu")
+
+
+@pytest.mark.parametrize("case", [c["name"] for c in CASES])
+def test_fp32_logits_and_image_features_match_reference(golden_model, case):
+    g = load_file(str(GOLDEN / "model" / f"{case}.safetensors"))
+    inp = {k[6:]: v for k, v in g.items() if k.startswith("input.")}
+    with torch.no_grad():
+        if "fp32.logits" in g:
+            assert rel(golden_model(**inp), g["fp32.logits"]) <= 1e-4
+        if "fp32.image_features" in g:
+            feats = golden_model.image_features(inp["images"], inp["image_masks"])
+            assert rel(feats, g["fp32.image_features"]) <= 1e-4
+
+
+def test_batch_rows_equal_single_rows_in_forward(golden_model):
+    g = load_file(str(GOLDEN / "model" / "batch_right_padded.safetensors"))
+    inp = {k[6:]: v for k, v in g.items() if k.startswith("input.")}
+    with torch.no_grad():
+        batch = golden_model(**inp)
+        for b in range(2):
+            n = int((inp["input_ids"][b] != -1).sum())
+            crops = int((inp["image_input_idx"][b] != -1).any(-1).sum())
+            one = golden_model(inp["input_ids"][b:b + 1, :n], inp["images"][b:b + 1, :crops],
+                               inp["image_masks"][b:b + 1, :crops], inp["image_input_idx"][b:b + 1, :crops])
+            assert rel(batch[b, :n], one[0]) < 1e-5
+
+
+def test_all_minus_one_crop_gives_zero_vision_features(golden_model):
+    crops = torch.randn(2, 576, 588)
+    crops[1] = -1
+    with torch.no_grad():
+        feats = golden_model.vision(crops)
+    assert feats[1].abs().max() == 0 and feats[0].abs().max() > 0
+
+
+def test_out_of_range_inputs_raise_one_clear_error(golden_model):
+    with pytest.raises(ValueError, match="input_ids must lie in"):
+        golden_model(torch.tensor([[1, 2, 10_000]]))
+    with pytest.raises(ValueError, match="images must have shape"):
+        golden_model(torch.tensor([[1, 2]]), torch.zeros(1, 1, 575, 588), torch.ones(1, 1, 575),
+                     torch.zeros(1, 1, 144, dtype=torch.long))
