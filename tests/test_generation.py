@@ -1,0 +1,171 @@
+"""Generation: cache vs recomputation, batching, sampling, stop strings, streaming, limits."""
+import pytest
+import torch
+
+from molmo import Molmo
+from molmo.generation import GenerationConfig, generate, generate_from_batch, sampling_probs, stream
+from molmo.preprocess import MolmoProcessor, Tokenizer
+
+from conftest import TOKENIZER
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return Molmo.from_pretrained(tiny_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def text_model(text_model_dir):
+    return Molmo.from_pretrained(text_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer(TOKENIZER)
+
+
+def _example(seed=0, L=40, crops=2):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 512, (L,), generator=g)
+    idx = torch.full((crops, 144), -100)
+    idx[:, :10] = torch.randperm(L - 2, generator=g)[: crops * 10].view(crops, 10) + 1
+    return {"input_ids": ids, "images": torch.randn(crops, 576, 588, generator=g),
+            "image_masks": torch.rand(crops, 576, generator=g), "image_input_idx": idx}
+
+
+def _greedy_by_recomputation(model, ex, n):
+    ids = ex["input_ids"][None]
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(ids, ex["images"][None], ex["image_masks"][None], ex["image_input_idx"][None])
+            nxt = logits[0, -1].argmax()
+            out.append(int(nxt))
+            ids = torch.cat([ids, nxt.view(1, 1)], 1)
+    return out
+
+
+def test_cached_greedy_equals_full_recomputation_fp32(tiny):
+    ex = _example()
+    got = generate(tiny, ex, max_new_tokens=12, stop_on_eos=False)
+    assert got.tokens[0].tolist() == _greedy_by_recomputation(tiny, ex, 12)
+
+
+def test_batched_greedy_equals_each_row_alone(tiny):
+    exs = [_example(0, 40, 2), _example(1, 25, 1), _example(2, 33, 3)]
+    batch = MolmoProcessor.collate(exs)
+    together = generate(tiny, batch, max_new_tokens=10, stop_on_eos=False).tokens
+    for b, ex in enumerate(exs):
+        alone = generate(tiny, ex, max_new_tokens=10, stop_on_eos=False).tokens[0]
+        assert torch.equal(together[b], alone), b
+
+
+def test_generate_from_batch_returns_prompt_then_new_tokens(tiny):
+    ex = _example()
+    out = tiny.generate_from_batch({k: v[None] for k, v in ex.items()}, GenerationConfig(max_new_tokens=5,
+                                                                                        stop_on_eos=False))
+    assert out.shape == (1, 45) and torch.equal(out[0, :40], ex["input_ids"])
+
+
+def test_transformers_style_generation_config_is_accepted(tiny):
+    class HFConfig:  # the attributes of transformers.GenerationConfig that matter
+        max_new_tokens, do_sample, temperature, top_k, top_p, stop_strings = 4, False, 1.0, 50, 1.0, None
+    out = generate_from_batch(tiny, _example(), HFConfig())
+    assert out.shape[1] <= 44
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(tiny):
+    ex = _example()
+    kw = dict(max_new_tokens=16, temperature=1.5, top_k=100, stop_on_eos=False)
+    a = generate(tiny, ex, seed=7, **kw).tokens
+    b = generate(tiny, ex, seed=7, **kw).tokens
+    c = generate(tiny, ex, seed=8, **kw).tokens
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_sampling_distribution_matches_direct_computation():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0]])
+    t, k, p = 0.7, 4, 0.8
+    probs = sampling_probs(logits, t, k, p)
+    # Direct: softmax(l / t); keep the 4 most likely; then the smallest prefix with mass >= 0.8.
+    base = torch.softmax(logits[0] / t, -1)
+    order = base.argsort(descending=True).tolist()[:k]
+    kept, mass = [], 0.0
+    top = base[order] / base[order].sum()
+    for i, q in zip(order, top.tolist()):
+        kept.append(i)
+        mass += q
+        if mass >= p:
+            break
+    expect = torch.zeros(6)
+    expect[kept] = base[kept] / base[kept].sum()
+    assert torch.allclose(probs[0], expect, atol=1e-6)
+    assert torch.allclose(sampling_probs(logits, 1.0, None, None)[0], torch.softmax(logits[0], -1))
+
+
+def test_sampled_frequencies_follow_the_filtered_distribution(tiny):
+    logits = torch.tensor([[1.0, 0.0, -0.5, 2.0]])
+    probs = sampling_probs(logits, 1.0, 3, None)
+    draws = torch.multinomial(probs.expand(20000, -1), 1, replacement=True, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws[:, 0], minlength=4) / 20000
+    assert freq[2] == 0 and torch.allclose(freq, probs[0], atol=0.02)
+
+
+def _text_example(tok, text="Describe"):
+    return {"input_ids": torch.tensor([tok.bos_id] + tok.encode(f" User: {text} Assistant:"))}
+
+
+def test_stop_string_split_across_tokens_is_caught(text_model, tok):
+    ex = _text_example(tok)
+    free = generate(text_model, ex, tokenizer=tok, max_new_tokens=30, stop_on_eos=False)
+    text = free.texts[0]
+    # Pick a stop string straddling a token boundary: the end of token 3 and the start of token 4.
+    pieces = [tok.decode(free.tokens[0, :i].tolist()) for i in range(1, 8)]
+    cut = len(pieces[2])
+    stop = text[cut - 2: cut + 2] if len(text) > cut + 2 else text[-3:]
+    assert len(stop) >= 2
+    got = generate(text_model, ex, tokenizer=tok, max_new_tokens=30, stop_on_eos=False, stop_strings=[stop])
+    assert got.texts[0] == text[: text.find(stop)]
+    assert got.lengths[0] < 30 and (got.tokens[0, got.lengths[0]:] == tok.eos_id).all()
+
+
+def test_streaming_yields_the_same_text_in_pieces(text_model, tok):
+    ex = _text_example(tok, "Hello there")
+    full = generate(text_model, ex, tokenizer=tok, max_new_tokens=20).texts[0]
+    pieces = list(stream(text_model, ex, tok, max_new_tokens=20))
+    assert len(pieces) > 1 and "".join(pieces) == full
+
+
+def test_eos_stops_a_row_and_pads_it_with_eos(tiny):
+    ex = _example()
+    free = generate(tiny, ex, max_new_tokens=8, stop_on_eos=False).tokens[0]
+    eos = int(free[2])  # pretend the third token is EOS
+    got = generate(tiny, ex, max_new_tokens=8, eos_token_id=eos)
+    assert got.lengths == [free.tolist().index(eos) + 1]
+    assert (got.tokens[0, got.lengths[0]:] == eos).all()
+
+
+def test_prompt_past_the_context_is_an_error_before_compute(tiny):
+    ex = {"input_ids": torch.randint(0, 512, (4000,))}
+    with pytest.raises(ValueError, match="prompt of 4000 tokens \\+ max_new_tokens 100 exceeds the context of 4096"):
+        generate(tiny, ex, max_new_tokens=100)
+
+
+@pytest.mark.parametrize("mode", ["autocast", "bf16"])
+def test_low_precision_modes_generate_and_keep_the_first_token(tiny_dir, mode):
+    ex = _example()
+    ref = generate(Molmo.from_pretrained(tiny_dir, device="cpu"), ex, max_new_tokens=4, stop_on_eos=False)
+    model = Molmo.from_pretrained(tiny_dir, dtype=mode, device="cpu")
+    out = generate(model, ex, max_new_tokens=4, stop_on_eos=False)
+    assert out.tokens.shape == (1, 4) and model.mode == mode
+    assert out.tokens[0, 0] == ref.tokens[0, 0]
+
+
+def test_autocast_does_not_leak_out_of_the_step_iterator(tiny_dir):
+    from molmo.generation import token_steps
+    model = Molmo.from_pretrained(tiny_dir, dtype="autocast", device="cpu")
+    steps = token_steps(model, _example(), GenerationConfig(max_new_tokens=3))
+    next(steps)
+    assert not torch.is_autocast_enabled("cpu")
+    steps.close()
+    assert all(b.attn.cache is None for b in model.llm.blocks)  # cache released with the iterator

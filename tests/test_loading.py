@@ -1,0 +1,195 @@
+"""Loading published-layout snapshots: sharded or not, any dtype, every bad input caught by name."""
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+
+from molmo import Molmo, MolmoConfig
+from molmo.checkpoint import CheckpointError, read_header
+from molmo.loading import NAME_TABLE, our_name, published_name
+from molmo.testing import write_random_checkpoint
+
+from conftest import GOLDEN
+
+
+def _outputs(model):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 512, (1, 300))
+    images = torch.randn(1, 2, 576, 588)
+    masks = torch.rand(1, 2, 576)
+    idx = torch.randint(1, 300, (1, 2, 144))
+    with torch.no_grad():
+        return model(ids, images, masks, idx)
+
+
+def test_sharded_checkpoint_loads_equal_to_single_file_in_fp32_and_bf16(tmp_path, tiny_dir):
+    sharded = write_random_checkpoint(tmp_path / "sharded", MolmoConfig.tiny(), seed=1, max_shard_bytes=200_000)
+    assert len(list(sharded.glob("model-*.safetensors"))) > 3 and (sharded / "model.safetensors.index.json").exists()
+    for dtype in ("fp32", "bf16"):
+        a = Molmo.from_pretrained(tiny_dir, dtype=dtype, device="cpu")
+        b = Molmo.from_pretrained(sharded, dtype=dtype, device="cpu")
+        for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+            assert torch.equal(p, q), n
+        assert torch.equal(_outputs(a), _outputs(b))
+
+
+def test_bf16_load_equals_casting_the_fp32_weights(tiny_dir):
+    a = Molmo.from_pretrained(tiny_dir, dtype="fp32", device="cpu")
+    b = Molmo.from_pretrained(tiny_dir, dtype="bf16", device="cpu")
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert q.dtype == torch.bfloat16 and torch.equal(p.to(torch.bfloat16), q), n
+
+
+def test_bf16_checkpoint_loads_into_fp32(tmp_path):
+    folder = write_random_checkpoint(tmp_path, MolmoConfig.tiny(), dtype=torch.bfloat16)
+    model = Molmo.from_pretrained(folder, dtype="fp32", device="cpu")
+    assert model.llm.lm_head.weight.dtype == torch.float32
+
+
+def test_name_table_is_a_bijection_over_the_model():
+    names = [n for n, _ in Molmo.__new__(Molmo).__class__(MolmoConfig.tiny()).named_parameters()]
+    published = [published_name(n) for n in names]
+    assert len(set(published)) == len(names)
+    assert [our_name(p) for p in published] == names
+    assert len(NAME_TABLE) == 21
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite_header(path, edit):
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    body = data[8 + n:]
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + body)
+
+
+def test_missing_tensor_is_named(tmp_path, tiny_dir):
+    d = _copy(tiny_dir, tmp_path / "m")
+    name = "model.transformer.ln_f.weight"
+    _rewrite_header(d / "model.safetensors", lambda h: h.pop(name))
+    with pytest.raises(CheckpointError, match=f"missing tensor: {name}"):
+        Molmo.from_pretrained(d, device="cpu")
+
+
+def test_unexpected_tensor_is_named(tmp_path, tiny_dir):
+    d = _copy(tiny_dir, tmp_path / "m")
+    _rewrite_header(d / "model.safetensors", lambda h: h.update(
+        {"model.extra.weight": dict(h["model.transformer.ln_f.weight"])}))
+    with pytest.raises(CheckpointError, match="unexpected tensor: model.extra.weight in model.safetensors"):
+        Molmo.from_pretrained(d, device="cpu")
+
+
+def test_wrong_shape_is_named(tmp_path, tiny_dir):
+    d = _copy(tiny_dir, tmp_path / "m")
+    name = "model.transformer.blocks.0.ff_proj.weight"
+
+    def edit(h):  # same byte count, transposed shape
+        h[name]["shape"] = h[name]["shape"][::-1]
+    _rewrite_header(d / "model.safetensors", edit)
+    with pytest.raises(CheckpointError, match=f"wrong shape: {name} in model.safetensors: \\[64, 192\\]"):
+        Molmo.from_pretrained(d, device="cpu")
+
+
+def test_wrong_dtype_is_named(tmp_path, tiny_dir):
+    d = _copy(tiny_dir, tmp_path / "m")
+    name = "model.transformer.ln_f.weight"
+
+    def edit(h):
+        h[name]["dtype"] = "I32"  # same 4-byte width
+    _rewrite_header(d / "model.safetensors", edit)
+    with pytest.raises(CheckpointError, match=f"wrong dtype: {name} in model.safetensors: I32"):
+        Molmo.from_pretrained(d, device="cpu")
+
+
+def test_truncated_shard_is_named(tmp_path):
+    d = write_random_checkpoint(tmp_path, MolmoConfig.tiny(), max_shard_bytes=500_000)
+    shard = sorted(d.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match=f"{shard.name}: truncated: tensor"):
+        Molmo.from_pretrained(d, device="cpu")
+
+
+def test_corrupt_header_is_named(tmp_path, tiny_dir):
+    d = _copy(tiny_dir, tmp_path / "m")
+    data = bytearray((d / "model.safetensors").read_bytes())
+    data[8:16] = b"\xff" * 8
+    (d / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors: corrupt safetensors header"):
+        Molmo.from_pretrained(d, device="cpu")
+    (d / "model.safetensors").write_bytes(b"\x01\x02")
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_header(d / "model.safetensors")
+
+
+def test_shard_named_in_index_but_absent_is_named(tmp_path):
+    d = write_random_checkpoint(tmp_path, MolmoConfig.tiny(), max_shard_bytes=500_000)
+    shard = sorted(d.glob("model-*.safetensors"))[2]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"{shard.name}: shard named in model.safetensors.index.json is missing"):
+        Molmo.from_pretrained(d, device="cpu")
+
+
+def test_folder_without_weights_or_config(tmp_path, tiny_dir):
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        (tmp_path / "w").mkdir()
+        shutil.copy(tiny_dir / "config.json", tmp_path / "w")
+        Molmo.from_pretrained(tmp_path / "w", device="cpu")
+    with pytest.raises(ValueError, match="config.json not found"):
+        (tmp_path / "c").mkdir()
+        shutil.copy(tiny_dir / "model.safetensors", tmp_path / "c")
+        Molmo.from_pretrained(tmp_path / "c", device="cpu")
+
+
+def test_unsupported_config_value_is_named(tmp_path, tiny_dir):
+    d = _copy(tiny_dir, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text()) | {"layer_norm_type": "default"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="layer_norm_type='default' is not supported"):
+        Molmo.from_pretrained(d, device="cpu")
+
+
+def test_hub_id_resolves_through_huggingface_hub_download(tmp_path, monkeypatch, tiny_dir):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, **kw):
+        calls.append((repo_id, revision, allow_patterns))
+        cache = tmp_path / "hub" / repo_id.replace("/", "--")
+        if not cache.exists():
+            shutil.copytree(tiny_dir, cache)
+        return str(cache)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    model = Molmo.from_pretrained("allenai/Molmo-7B-D-0924", device="cpu")
+    assert calls == [("allenai/Molmo-7B-D-0924", None, ["*.json", "*.safetensors", "*.txt", "*.model"])]
+    assert not any(p.endswith(".py") for p in calls[0][2])  # never fetches the remote code
+    ref = Molmo.from_pretrained(tiny_dir, device="cpu")
+    assert torch.equal(_outputs(model), _outputs(ref))
+
+
+def test_hub_failure_is_one_line(monkeypatch):
+    import huggingface_hub
+
+    def offline(**kw):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(CheckpointError, match="allenai/Nope: could not download from the hub"):
+        Molmo.from_pretrained("allenai/Nope", device="cpu")
+    with pytest.raises(CheckpointError, match="not a model folder or a hub id"):
+        Molmo.from_pretrained("./missing/folder", device="cpu")
+
+
+def test_golden_checkpoint_has_published_names_and_loads():
+    model = Molmo.from_pretrained(GOLDEN / "model" / "checkpoint", device="cpu")
+    assert model.config.vision.layers == 10
