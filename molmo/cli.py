@@ -1,0 +1,171 @@
+"""Command line: `molmo inspect`, `molmo generate`, `molmo point` (also `python -m molmo`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MODEL = "allenai/Molmo-7B-D-0924"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="molmo", description="Molmo-7B-D: inspect checkpoints, answer questions about images.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    i = sub.add_parser("inspect", help="architecture, parameter counts and a check of the weights")
+    i.add_argument("--model", required=True, type=Path, help="snapshot folder (config.json, safetensors)")
+    i.add_argument("--json", action="store_true", help="end with one JSON object")
+
+    for name, helptext in (("generate", "answer a prompt about images, streaming the text"),
+                           ("point", "ask for points, draw them on the image")):
+        g = sub.add_parser(name, help=helptext)
+        g.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or folder (default {DEFAULT_MODEL})")
+        g.add_argument("--image", action="append", default=[], type=Path, help="image file (repeatable)")
+        g.add_argument("--prompt", required=True)
+        g.add_argument("--max-new-tokens", type=int, default=200)
+        g.add_argument("--dtype", choices=["fp32", "autocast", "bf16"], default=None,
+                       help="default: bf16 on CUDA, fp32 on CPU")
+        g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+        g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+        g.add_argument("--top-p", type=float, default=None)
+        g.add_argument("--top-k", type=int, default=None)
+        g.add_argument("--seed", type=int, default=None)
+        g.add_argument("--json", action="store_true", help="end with one JSON object")
+        if name == "point":
+            g.add_argument("--out", required=True, type=Path, help="where to write the marked image")
+    return p
+
+
+def _inspect(a) -> int:
+    from .checkpoint import snapshot_tensors
+    from .config import MolmoConfig
+    from .loading import check_tensors, parameter_counts
+
+    config = MolmoConfig.from_hf(a.model)
+    counts = parameter_counts(config)
+    v, c = config.vision, config.llm
+    print(f"Molmo at {a.model}")
+    print(f"  vision     ViT {v.layers} blocks, width {v.width}, {v.heads} heads x {v.head_dim}, MLP {v.mlp_dim}, "
+          f"{v.grid}x{v.grid} patches of {v.patch_size}px; features of blocks {list(v.feature_layers)}")
+    print(f"  connector  {v.pool_size}x{v.pool_size} attention pooling -> SwiGLU {v.width}->{c.mlp_hidden}->{c.hidden}")
+    print(f"  llm        {c.layers} blocks, hidden {c.hidden}, {c.heads} heads / {c.kv_heads} KV heads x {c.head_dim}, "
+          f"MLP {c.mlp_hidden}, vocab {c.vocab}+{c.extra_vocab}, rope theta {c.rope_theta:g}")
+    for part in ("vision", "connector", "llm", "total"):
+        print(f"  {part:<10} {counts[part]:>15,} parameters")
+    result = {"model": str(a.model), "total_parameters": counts["total"],
+              "parameters": {k: counts[k] for k in ("vision", "connector", "llm")}, "weights": None}
+    rc = 0
+    try:
+        entries = snapshot_tensors(a.model)
+    except Exception as e:  # no weights, or unreadable ones: the config summary still stands
+        print(f"  weights    not checked: {e}")
+        result["weights"] = {"checked": False, "reason": str(e)}
+    else:
+        r = check_tensors(config, entries)
+        dtypes = sorted({e.dtype for e in entries.values()})
+        print(f"  weights    {len(entries)} tensors in {len({e.file for e in entries.values()})} file(s), "
+              f"dtype {'/'.join(dtypes)}: {'all names, shapes and dtypes match' if r.ok else 'PROBLEMS'}")
+        for kind in ("missing", "unexpected", "wrong_shape", "wrong_dtype"):
+            for item in getattr(r, kind):
+                print(f"    {kind.replace('_', ' ')}: {item}")
+        result["weights"] = {"checked": True, "ok": r.ok, "tensors": len(entries), "dtypes": dtypes,
+                             "missing": r.missing, "unexpected": r.unexpected,
+                             "wrong_shape": r.wrong_shape, "wrong_dtype": r.wrong_dtype}
+        rc = 0 if r.ok else 1
+    if a.json:
+        print(json.dumps(result))
+    return rc
+
+
+def _answer(a):
+    import torch
+
+    from .checkpoint import snapshot_tensors
+    from .config import MolmoConfig
+    from .generation import GenerationConfig, generate
+    from .loading import resolve_snapshot
+    from .model import Molmo
+    from .preprocess import MolmoProcessor
+
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    dtype = a.dtype or ("bf16" if device == "cuda" else "fp32")
+    for img in a.image:
+        if not img.is_file():
+            raise ValueError(f"{img}: no such image file")
+    t0 = time.perf_counter()
+    folder = resolve_snapshot(a.model)
+    config = MolmoConfig.from_hf(folder)  # cheap checks first: config, weight headers, tokenizer
+    snapshot_tensors(folder)
+    processor = MolmoProcessor.from_pretrained(folder)
+    inputs = processor.process(images=a.image or None, text=a.prompt)
+    limit = config.llm.max_position_embeddings
+    if len(inputs["input_ids"]) + a.max_new_tokens > limit:
+        raise ValueError(f"prompt of {len(inputs['input_ids'])} tokens + --max-new-tokens {a.max_new_tokens} "
+                         f"exceeds the context of {limit} tokens")
+    model = Molmo.from_pretrained(folder, dtype=dtype, device=device)
+    load_s = time.perf_counter() - t0
+    cfg = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                           top_p=a.top_p, seed=a.seed)
+
+    def show(row, delta):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+
+    out = generate(model, inputs, cfg, tokenizer=processor.tokenizer, on_text=show)
+    sys.stdout.write("\n")
+    timings = {"load_s": round(load_s, 3), **{k: round(v, 4) for k, v in out.timings.items()}}
+    result = {"text": out.texts[0], "token_ids": out.tokens[0, :out.lengths[0]].tolist(),
+              "prompt_tokens": len(inputs["input_ids"]), "dtype": dtype, "device": device, "timings": timings}
+    return result
+
+
+def _generate(a) -> int:
+    result = _answer(a)
+    if a.json:
+        print(json.dumps(result))
+    return 0
+
+
+def _point(a) -> int:
+    from PIL import Image
+
+    from .pointing import draw_points, parse_points
+    from .preprocess import load_image
+
+    if len(a.image) != 1:
+        raise ValueError("point takes exactly one --image")
+    result = _answer(a)
+    image = Image.fromarray(load_image(a.image[0]))
+    points = parse_points(result["text"], image.width, image.height)
+    draw_points(image, points).save(a.out)
+    for i, p in enumerate(points, 1):
+        print(f"{i}: x={p.x:.1f} y={p.y:.1f} {p.label}")
+    print(f"{len(points)} point(s) drawn on {a.out}")
+    if a.json:
+        result["points"] = [{"x": p.x, "y": p.y, "label": p.label} for p in points]
+        print(json.dumps(result))
+    return 0
+
+
+def main(argv=None) -> int:
+    a = _parser().parse_args(argv)
+    try:
+        return {"inspect": _inspect, "generate": _generate, "point": _point}[a.command](a)
+    except (ValueError, OSError) as e:  # our errors name the file / tensor / size; one line, no traceback
+        print(f"molmo: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The command line, end to end, on a random-weight snapshot with the real tokenizer."""
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from molmo import cli
+
+from conftest import FACTS, GOLDEN
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "molmo", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_inspect_reports_7b_counts_from_config_alone():
+    r = run("inspect", "--model", FACTS, "--json")
+    assert r.returncode == 0
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["total_parameters"] == 8_021_025_280
+    assert out["parameters"] == {"vision": 290_909_184, "connector": 114_040_832, "llm": 7_616_075_264}
+    assert out["weights"]["checked"] is False
+
+
+def test_inspect_checks_weights_and_reports_problems(tmp_path, tiny_dir):
+    r = run("inspect", "--model", GOLDEN / "model" / "checkpoint", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout.splitlines()[-1])["weights"]["ok"] is True
+    import shutil
+    d = shutil.copytree(tiny_dir, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text()) | {"num_hidden_layers": 3}
+    (d / "config.json").write_text(json.dumps(cfg))
+    r = run("inspect", "--model", d, "--json")
+    out = json.loads(r.stdout.splitlines()[-1])
+    assert r.returncode == 1 and out["weights"]["missing"][0].startswith("model.transformer.blocks.2.")
+
+
+def test_generate_streams_text_and_ends_with_json(text_model_dir):
+    img = GOLDEN / "preprocess" / "tiny_80x50.png"
+    r = run("generate", "--model", text_model_dir, "--image", img, "--prompt", "Describe this image.",
+            "--max-new-tokens", "6", "--json")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    out = json.loads(lines[-1])
+    assert set(out) >= {"text", "token_ids", "timings"} and 1 <= len(out["token_ids"]) <= 6
+    assert r.stdout.startswith(out["text"])  # the streamed text came first
+    assert out["timings"]["prefill_s"] > 0
+
+
+def test_generate_sampling_flags_are_reproducible(text_model_dir):
+    args = ["generate", "--model", text_model_dir, "--prompt", "Hi", "--max-new-tokens", "5", "--temperature", "1.2",
+            "--top-k", "50", "--top-p", "0.9", "--seed", "3", "--json"]
+    a, b = run(*args), run(*args)
+    assert a.returncode == 0 and json.loads(a.stdout.splitlines()[-1])["token_ids"] == \
+        json.loads(b.stdout.splitlines()[-1])["token_ids"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--image", "/no/such.png"], "/no/such.png: no such image file"),
+    (["--dtype", "fp16"], "invalid choice: 'fp16'"),
+    (["--max-new-tokens", "5000"], "exceeds the context of 4096 tokens"),
+])
+def test_generate_bad_input_is_one_line_without_traceback(text_model_dir, extra, message):
+    r = run("generate", "--model", text_model_dir, "--prompt", "x", *extra)
+    assert r.returncode != 0 and message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_generate_unreadable_image_and_model_folder_without_weights(tmp_path, text_model_dir):
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    r = run("generate", "--model", text_model_dir, "--image", tmp_path / "bad.png", "--prompt", "x")
+    assert r.returncode != 0 and "bad.png: not an image file" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "empty").mkdir()
+    r = run("generate", "--model", tmp_path / "empty", "--prompt", "x")
+    assert r.returncode != 0 and "config.json not found" in r.stderr and len(r.stderr.splitlines()) == 1
+    (tmp_path / "empty" / "config.json").write_text((text_model_dir / "config.json").read_text())
+    r = run("generate", "--model", tmp_path / "empty", "--prompt", "x")
+    assert r.returncode != 0 and "no model.safetensors" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_point_draws_parsed_points(text_model_dir, tmp_path, monkeypatch, capsys):
+    img = tmp_path / "in.png"
+    Image.new("RGB", (200, 100), (0, 0, 0)).save(img)
+    answer = '<points x1="25.0" y1="50.0" x2="75.0" y2="50.0" alt="dots">dots</points>'
+    monkeypatch.setattr(cli, "_answer", lambda a: {"text": answer, "token_ids": [], "timings": {}})
+    rc = cli.main(["point", "--model", str(text_model_dir), "--image", str(img), "--prompt", "Point to the dots",
+                   "--out", str(tmp_path / "out.png"), "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "1: x=50.0 y=50.0 dots" in out and "2: x=150.0 y=50.0 dots" in out
+    assert json.loads(out.splitlines()[-1])["points"][1] == {"x": 150.0, "y": 50.0, "label": "dots"}
+    marked = Image.open(tmp_path / "out.png")
+    assert marked.getpixel((50 - 4, 50))[0] > 200 and marked.getpixel((5, 5)) == (0, 0, 0)
