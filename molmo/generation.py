@@ -231,3 +231,9 @@ def generate_from_batch(model: Molmo, batch: dict, generation_config=None, token
     ids = batch["input_ids"]
     ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
     return torch.cat([ids.to(out.tokens.device), out.tokens], dim=1)
+
+
+def ask(model: Molmo, processor, prompt: str, images=None, **kwargs) -> str:
+    """One call: images (paths, PIL images or arrays) and a prompt in, the answer's text out."""
+    inputs = processor.process(images=images, text=prompt)
+    return generate(model, inputs, tokenizer=processor.tokenizer, **kwargs).texts[0]

@@ -169,3 +169,23 @@ def test_autocast_does_not_leak_out_of_the_step_iterator(tiny_dir):
     assert not torch.is_autocast_enabled("cpu")
     steps.close()
     assert all(b.attn.cache is None for b in model.llm.blocks)  # cache released with the iterator
+
+
+def test_readme_quick_start_and_ask_helper(text_model_dir):
+    from PIL import Image
+
+    from molmo import GenerationConfig as GC
+    from molmo import Molmo as M
+    from molmo import MolmoProcessor as P
+    from molmo import ask
+
+    from conftest import GOLDEN
+    processor = P.from_pretrained(text_model_dir)
+    model = M.from_pretrained(text_model_dir, dtype="fp32", device="cpu")
+    img = Image.open(GOLDEN / "preprocess" / "tiny_80x50.png")
+    inputs = processor.process(images=[img], text="Describe this image.")
+    inputs = {k: v.to(model.device).unsqueeze(0) for k, v in inputs.items()}
+    output = model.generate_from_batch(inputs, GC(max_new_tokens=8, stop_strings="<|endoftext|>"),
+                                       tokenizer=processor.tokenizer)
+    text = processor.tokenizer.decode(output[0, inputs["input_ids"].size(1):], skip_special_tokens=True)
+    assert text == ask(model, processor, "Describe this image.", images=[img], max_new_tokens=8)

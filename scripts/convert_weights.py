@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""Convert Molmo weights.
+
+  to-dtype --model DIR --out DIR --dtype bf16|fp16     a Molmo snapshot in another dtype, sharded
+  from-hf  --clip DIR --qwen2 DIR --out DIR [--seed S]  CLIP ViT-L/14-336 + Qwen2 -> a Molmo to train from
+  to-hf    --model DIR --out DIR                        Molmo -> out/qwen2 (Qwen2ForCausalLM) + out/clip
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from molmo import convert  # noqa: E402
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def main(argv=None) -> int:
+    p = _Parser(prog="convert_weights.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    t = sub.add_parser("to-dtype", help="rewrite a Molmo snapshot in bf16 or fp16, streaming tensor by tensor")
+    t.add_argument("--model", required=True, type=Path)
+    t.add_argument("--out", required=True, type=Path)
+    t.add_argument("--dtype", required=True, choices=["bf16", "fp16"])
+    t.add_argument("--shard-gb", type=float, default=5.0, help="largest shard size (GB)")
+    f = sub.add_parser("from-hf", help="CLIP (CLIPVisionModel or CLIPModel) + Qwen2 -> Molmo layout")
+    f.add_argument("--clip", required=True, type=Path)
+    f.add_argument("--qwen2", required=True, type=Path)
+    f.add_argument("--out", required=True, type=Path)
+    f.add_argument("--seed", type=int, default=0, help="seed of the freshly initialised connector")
+    h = sub.add_parser("to-hf", help="Molmo -> transformers Qwen2ForCausalLM and CLIPVisionModel folders")
+    h.add_argument("--model", required=True, type=Path)
+    h.add_argument("--out", required=True, type=Path)
+    for s in (t, f, h):
+        s.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    progress = not a.no_progress
+    try:
+        if a.command == "to-dtype":
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+            files = convert.to_dtype(a.model, a.out, dtype, int(a.shard_gb * (1 << 30)), progress=progress)
+            print(f"wrote {len(files)} shard(s) to {a.out}")
+        elif a.command == "from-hf":
+            cfg = convert.from_hf(a.clip, a.qwen2, a.out, seed=a.seed, progress=progress)
+            print(f"wrote a Molmo snapshot ({cfg.vision.layers} ViT blocks, {cfg.llm.layers} LLM blocks) to {a.out}")
+        else:
+            qdir, cdir = convert.to_hf(a.model, a.out, progress=progress)
+            print(f"wrote {qdir} and {cdir}")
+    except (ValueError, OSError, KeyError) as e:
+        print(f"convert_weights.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
