@@ -109,8 +109,12 @@ def run_model(golden: Path, out: Path, device: str, check: Checks, modes: list[s
                                                         stop_on_eos=False))
             m[f"{key}.generated"] = gen.tokens.cpu()
             compare_model_case(name, key, r, m, check)
-    for c in cases:
-        save_file({k: v.contiguous() for k, v in mine[c["name"]].items()}, str(out / f"{c['name']}.safetensors"))
+    for c in cases:  # the golden's keys exactly: every one produced, nothing extra
+        name, keys = c["name"], set(ref[c["name"]])
+        wanted = {k for k in keys if k.split(".")[0] in ("input",) + tuple(m for m in MODES if m in modes)}
+        missing = sorted(wanted - set(mine[name]))
+        check(not missing, f"model {name} outputs", f"not produced: {missing}" if missing else "all keys written")
+        save_file({k: v.contiguous() for k, v in mine[name].items() if k in keys}, str(out / f"{name}.safetensors"))
     (out / "cases.json").write_text((golden / "cases.json").read_text())
 
 
