@@ -165,7 +165,11 @@ def main(argv=None) -> int:
     if a.live:
         from live_parity import run_live
 
-        return run_live(a, modes)
+        try:
+            return run_live(a, modes)
+        except (FileNotFoundError, ImportError) as e:
+            print(f"parity.py --live: error: {e}", file=sys.stderr)
+            return 2
     if not (a.golden and a.out):
         p.error("--golden and --out are required (or --live)")
     check = Checks()
