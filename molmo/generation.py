@@ -110,18 +110,48 @@ def token_steps(model: Molmo, batch: dict, cfg: GenerationConfig) -> Iterator[to
             last = h[torch.arange(B, device=dev), n_real - 1]  # each row's last real token
             tok = pick(llm.logits(last[:, None])[:, 0].float())
         pos = n_real[:, None].clone()  # [B, 1]: new tokens continue each row's positions
-        slot = torch.tensor([L], device=dev)
-        for step in range(cfg.max_new_tokens):
-            yield tok
-            if step == cfg.max_new_tokens - 1:
-                break
+        slot = torch.tensor([L], device=dev)  # the cache column the next token is written to
+
+        def decode(tok):  # fixed shapes, tensor indices only: capturable as a CUDA graph
             with model.precision():
-                h = llm(llm.embed(tok[:, None]), pos, mask[:, :, L + step:L + step + 1], slot)
-                tok = pick(llm.logits(h)[:, 0].float())
+                h = llm(llm.embed(tok[:, None]), pos, mask.index_select(2, slot), slot)
+                return pick(llm.logits(h)[:, 0].float())
+
+        step = decode
+        if dev.type == "cuda" and cfg.temperature == 0 and cfg.max_new_tokens > 2:
+            step = _cuda_graph(decode, tok) or decode
+        for n in range(cfg.max_new_tokens):
+            yield tok
+            if n == cfg.max_new_tokens - 1:
+                break
+            tok = step(tok)
             pos += 1
             slot += 1
     finally:
         llm.clear_cache()
+
+
+def _cuda_graph(decode, tok):
+    """Capture one decode step as a CUDA graph: a step becomes a single launch instead of hundreds.
+    The warm-up writes the next cache column, which the first real step then overwrites."""
+    static_tok = tok.clone()
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            decode(static_tok)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_next = decode(static_tok)
+    except RuntimeError:  # an op that cannot be captured: decode eagerly
+        return None
+
+    def replay(tok):
+        static_tok.copy_(tok)
+        graph.replay()
+        return static_next.clone()
+    return replay
 
 
 def generate(model: Molmo, batch: dict, config: GenerationConfig | None = None, tokenizer=None,

@@ -16,19 +16,20 @@ from .model import Molmo
 
 def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     """Values that keep activations in a sane range: norms near 1, weights ~ 1/sqrt(fan_in)."""
+    x = torch.randn(shape, generator=gen, device=gen.device)
     if name.endswith(("norm.weight", "ln.weight", "ln_f.weight")):
-        return 1 + 0.1 * torch.randn(shape, generator=gen)
+        return 1 + 0.1 * x
     if len(shape) == 1 or name.endswith(("embedding", "new_embedding", "pad_embed")):
-        return 0.5 * torch.randn(shape, generator=gen)
-    return torch.randn(shape, generator=gen) / math.sqrt(shape[-1])
+        return 0.5 * x
+    return x / math.sqrt(shape[-1])
 
 
 def random_model(config: MolmoConfig, seed: int = 0, dtype=torch.float32, device="cpu") -> Molmo:
-    """A Molmo with random weights, built directly in memory (no checkpoint)."""
-    gen = torch.Generator().manual_seed(seed)
+    """A Molmo with random weights, built directly in memory on `device` (no checkpoint)."""
+    gen = torch.Generator(device).manual_seed(seed)
     model = build_meta(config)
     for name, p in list(model.named_parameters()):
-        t = random_tensor(published_name(name), tuple(p.shape), gen).to(device=device, dtype=dtype)
+        t = random_tensor(published_name(name), tuple(p.shape), gen).to(dtype=dtype)
         module, _, attr = name.rpartition(".")
         setattr(model.get_submodule(module), attr, torch.nn.Parameter(t, requires_grad=False))
     return model.eval()
