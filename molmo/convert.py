@@ -42,6 +42,25 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def _molmo_snapshot(model_dir: Path) -> tuple[MolmoConfig, dict]:
+    """Config and tensor headers of a Molmo snapshot, checked: one error for the wrong layout."""
+    config = MolmoConfig.from_hf(model_dir)
+    entries = _tensors(model_dir, "a Molmo snapshot")
+    report = check_tensors(config, entries)
+    if not report.ok:
+        raise CheckpointError(f"{model_dir}: not a Molmo snapshot ({report.first_problem()})")
+    return config, entries
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
+
+
+def _copy_tokenizer(src: Path, out: Path) -> None:
+    for f in TOKENIZER_FILES:
+        if (src / f).is_file():
+            shutil.copy2(src / f, out / f)
+
+
 def _copy_side_files(src: Path, out: Path) -> None:
     for f in src.iterdir():
         if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name != INDEX_FILE:
@@ -52,11 +71,7 @@ def to_dtype(model_dir: Path, out: Path, dtype: torch.dtype, shard_bytes: int = 
              progress: bool = True) -> list[Path]:
     """Rewrite a Molmo snapshot in `dtype`, sharded with an index; other files copied."""
     model_dir, out = Path(model_dir), Path(out)
-    config = MolmoConfig.from_hf(model_dir)
-    entries = _tensors(model_dir, "a Molmo snapshot")
-    report = check_tensors(config, entries)
-    if not report.ok:
-        raise CheckpointError(f"{model_dir}: not a Molmo snapshot ({report.first_problem()})")
+    _, entries = _molmo_snapshot(model_dir)
     out.mkdir(parents=True, exist_ok=True)
     _copy_side_files(model_dir, out)
     cfg = _read_json(model_dir / "config.json")
@@ -187,52 +202,37 @@ def from_hf(clip_dir: Path, qwen_dir: Path, out: Path, seed: int = 0, progress: 
     finally:
         bar.close()
     (out / "config.json").write_text(json.dumps(config.to_hf(), indent=2))
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"):
-        if (qwen_dir / f).is_file():
-            shutil.copy2(qwen_dir / f, out / f)
+    _copy_tokenizer(qwen_dir, out)
     return config
 
 
 def to_hf(model_dir: Path, out: Path, progress: bool = True) -> tuple[Path, Path]:
     """A Molmo snapshot -> `out/qwen2` (Qwen2ForCausalLM) and `out/clip` (CLIPVisionModel)."""
     model_dir, out = Path(model_dir), Path(out)
-    config = MolmoConfig.from_hf(model_dir)
-    entries = _tensors(model_dir, "a Molmo snapshot")
-    report = check_tensors(config, entries)
-    if not report.ok:
-        raise CheckpointError(f"{model_dir}: not a Molmo snapshot ({report.first_problem()})")
+    config, entries = _molmo_snapshot(model_dir)
     v, c = config.vision, config.llm
     if v.kv_heads != v.heads:
         raise CheckpointError(f"{model_dir}: a ViT with grouped key/value heads has no CLIP equivalent")
     dtype = DTYPES[entries[LLM + "ln_f.weight"].dtype]
     bar = _progress(len(entries), "to-hf", progress)
 
-    # Qwen2: split the fused tensors back into their parts.
-    parts = {}
+    # Qwen2: each fused Molmo tensor splits back into its parts, in row order.
+    qkv_rows = [c.heads * c.head_dim, c.kv_heads * c.head_dim, c.kv_heads * c.head_dim]
+    parts = {}  # qwen2 name -> (molmo name, rows before it, rows)
     for ours, theirs in qwen2_names(c.layers).items():
+        full = entries[ours].shape
+        rows = qkv_rows if ours.endswith(("att_proj.weight", "att_proj.bias")) else [full[0] // len(theirs)] * len(theirs)
         for k, name in enumerate(theirs):
-            parts[name] = (ours, k, len(theirs))
+            parts[name] = (ours, sum(rows[:k]), rows[k])
 
-    def split(name):
-        ours, k, n = parts[name]
-        bar.update(1 / n)
-        t = read_tensor(entries[ours])
-        if ours.endswith("att_proj.weight") or ours.endswith("att_proj.bias"):
-            sizes = [c.heads * c.head_dim, c.kv_heads * c.head_dim, c.kv_heads * c.head_dim]
-            return t.split(sizes)[k]
-        return t.chunk(n)[k]
+    def qwen2(name):
+        ours, start, rows = parts[name]
+        bar.update(rows / entries[ours].shape[0])
+        return read_tensor(entries[ours])[start:start + rows]
 
     qdir = out / "qwen2"
-    qdir.mkdir(parents=True, exist_ok=True)
-    specs = []
-    for name, (ours, k, n) in parts.items():
-        full = entries[ours].shape
-        if ours.endswith(("att_proj.weight", "att_proj.bias")):
-            rows = [c.heads * c.head_dim, c.kv_heads * c.head_dim, c.kv_heads * c.head_dim][k]
-        else:
-            rows = full[0] // n
-        specs.append((name, (rows, *full[1:]), dtype))
-    write_snapshot(qdir, specs, split, SHARD_BYTES)
+    write_snapshot(qdir, [(n, (rows, *entries[o].shape[1:]), dtype) for n, (o, _, rows) in parts.items()], qwen2,
+                   SHARD_BYTES)
     (qdir / "config.json").write_text(json.dumps({
         "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
         "hidden_size": c.hidden, "intermediate_size": c.mlp_hidden, "num_hidden_layers": c.layers,
@@ -240,29 +240,23 @@ def to_hf(model_dir: Path, out: Path, progress: bool = True) -> tuple[Path, Path
         "rope_theta": c.rope_theta, "rms_norm_eps": c.norm_eps, "max_position_embeddings": c.max_position_embeddings,
         "tie_word_embeddings": False, "torch_dtype": str(dtype).removeprefix("torch."),
         "bos_token_id": 151643, "eos_token_id": 151643}, indent=2))
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"):
-        if (model_dir / f).is_file():
-            shutil.copy2(model_dir / f, qdir / f)
+    _copy_tokenizer(model_dir, qdir)
 
     # CLIP: the kept layers; post_layernorm (unused by Molmo) written as the identity.
     vit = {theirs: ours for ours, theirs in clip_names(v.layers).items()}
+    post = [f"vision_model.post_layernorm.{p}" for p in ("weight", "bias")]
 
-    def vision(name):
+    def clip(name):
         bar.update(1)
-        if name.startswith("vision_model.post_layernorm."):
+        if name in post:
             return torch.ones(v.width) if name.endswith("weight") else torch.zeros(v.width)
         t = read_tensor(entries[vit[name]])
         return linear_to_conv(t, v.patch_size) if name.endswith("patch_embedding.weight") else t
 
-    vspecs = []
-    for name, ours in vit.items():
-        shape = entries[ours].shape
-        if name.endswith("patch_embedding.weight"):
-            shape = (v.width, 3, v.patch_size, v.patch_size)
-        vspecs.append((name, shape, dtype))
-    vspecs += [(f"vision_model.post_layernorm.{p}", (v.width,), dtype) for p in ("weight", "bias")]
+    conv = (v.width, 3, v.patch_size, v.patch_size)
+    specs = [(n, conv if n.endswith("patch_embedding.weight") else entries[o].shape, dtype) for n, o in vit.items()]
     cdir = out / "clip"
-    write_snapshot(cdir, vspecs, vision, SHARD_BYTES)
+    write_snapshot(cdir, specs + [(n, (v.width,), dtype) for n in post], clip, SHARD_BYTES)
     (cdir / "config.json").write_text(json.dumps({
         "architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model", "hidden_act": "quick_gelu",
         "hidden_size": v.width, "intermediate_size": v.mlp_dim, "num_attention_heads": v.heads,

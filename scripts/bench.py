@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from molmo.config import LLMConfig, MolmoConfig  # noqa: E402
 
@@ -176,6 +177,7 @@ def bench_mid(a) -> dict:
     model.mode = mode
     inputs = _image_inputs(480, 640, 1, 12)
     timings = _decode_bench(model, inputs, 128, device)
+    reference = _reference_mid(a, model, inputs, mode) if a.reference_code else None
     llm = model.llm
     per_token = sum(p.numel() * p.element_size() for n, p in llm.named_parameters() if not n.startswith("embed"))
     bw = copy_bandwidth_gb_s(device)
@@ -184,8 +186,36 @@ def bench_mid(a) -> dict:
             "prefill_s": round(timings["prefill_s"], 3), "decode_tok_s": round(timings["tokens_per_s"], 2),
             "weight_gb_per_token": round(per_token / 1e9, 3), "copy_bandwidth_gb_s": round(bw, 2),
             "bandwidth_bound_tok_s": round(bound, 2), "fraction_of_bound": round(timings["tokens_per_s"] / bound, 3),
-            "reference": {"fp32": {"prefill_s": 6.4, "decode_tok_s": 2.7},
-                          "bf16": {"prefill_s": 2.1, "decode_tok_s": 8.5}}.get(mode)}
+            "reference": reference or {"fp32": {"prefill_s": 6.4, "decode_tok_s": 2.7},
+                                       "bf16": {"prefill_s": 2.1, "decode_tok_s": 8.5}}.get(mode)}
+
+
+def _reference_mid(a, model, inputs, mode) -> dict:
+    """The official code on the same weights and inputs, timed here (needs transformers < 4.50)."""
+    from transformers import GenerationConfig
+
+    from live_parity import _install_standins, load_reference
+    from molmo.loading import published_name
+
+    _install_standins()
+    ref = load_reference(Path(a.reference_code))
+    rm = ref.modeling.MolmoForCausalLM(ref.config.MolmoConfig(**MID.to_hf()))
+    rm.load_state_dict({published_name(n): p.float() for n, p in model.named_parameters()}, strict=True)
+    rm = rm.eval().to(torch.bfloat16 if mode == "bf16" else torch.float32)
+    batch = {k: v[None] for k, v in inputs.items()}
+    if mode == "bf16":
+        batch["images"] = batch["images"].to(torch.bfloat16)
+
+    def run(n):
+        cfg = GenerationConfig(max_new_tokens=n, do_sample=False, use_cache=True, eos_token_id=None)
+        t = time.perf_counter()
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+            rm.generate_from_batch(batch, cfg)
+        return time.perf_counter() - t
+
+    run(2)  # warm-up
+    first, full = run(1), run(128)
+    return {"measured_here": True, "prefill_s": round(first, 3), "decode_tok_s": round(127 / (full - first), 2)}
 
 
 def bench_full(a) -> dict:
@@ -216,6 +246,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--hbm-gb-s", type=float, default=None, help="bandwidth for the bound (default: measured copy)")
+    p.add_argument("--reference-code", help="mid: also time the official code (folder of its .py files)")
     a = p.parse_args(argv)
     fn = {"load": bench_load, "convert": bench_convert, "preprocess": bench_preprocess, "mid": bench_mid,
           "full": bench_full}[a.workload]
