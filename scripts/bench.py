@@ -130,18 +130,41 @@ print(json.dumps({{"convert_s": time.perf_counter() - t,
 def bench_preprocess(a) -> dict:
     from molmo.preprocess.tiling import ImageConfig, tile_image
 
+    reference = None
+    if a.reference_code:  # the official numpy pipeline, same images, same process
+        from live_parity import _install_standins, load_reference
+
+        stood_in = _install_standins()
+        processor = load_reference(Path(a.reference_code)).image.MolmoImageProcessor()
+        reference = {"resize": "torch stand-in" if "tensorflow" in stood_in else "tensorflow"}
+
+        def official(img):
+            processor.multimodal_preprocess(
+                images=[img], tokens=np.array([1, 2], dtype=np.int32), image_idx=[-1], sequence_length=1536,
+                image_patch_token_id=MOLMO_IDS["<im_patch>"], image_col_token_id=MOLMO_IDS["<im_col>"],
+                image_start_token_id=MOLMO_IDS["<im_start>"], image_end_token_id=MOLMO_IDS["<im_end>"])
+
+    def median_ms(fn, img):
+        fn(img)
+        times = []
+        for _ in range(a.repeat):
+            t = time.perf_counter()
+            fn(img)
+            times.append(time.perf_counter() - t)
+        return round(statistics.median(times) * 1000, 2)
+
     rng = np.random.default_rng(0)
     out = {}
     for w, h in ((1920, 1080), (4000, 3000)):
         img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        tile_image(img, ImageConfig(), MOLMO_IDS)
-        times = []
-        for _ in range(a.repeat):
-            t = time.perf_counter()
-            tile_image(img, ImageConfig(), MOLMO_IDS)
-            times.append(time.perf_counter() - t)
-        out[f"{w}x{h}"] = round(statistics.median(times) * 1000, 2)
-    return {"workload": "preprocess", "threads": torch.get_num_threads(), "preprocess_ms": out}
+        out[f"{w}x{h}"] = median_ms(lambda x: tile_image(x, ImageConfig(), MOLMO_IDS), img)
+        if reference is not None:
+            reference[f"{w}x{h}"] = median_ms(official, img)
+    result = {"workload": "preprocess", "threads": torch.get_num_threads()}
+    if reference is not None:
+        result["reference_ms"] = reference
+        result["speedup"] = {k: round(reference[k] / v, 2) for k, v in out.items()}
+    return result | {"preprocess_ms": out}
 
 
 def _image_inputs(h: int, w: int, max_crops: int, n_prompt: int, seed: int = 0) -> dict:

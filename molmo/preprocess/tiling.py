@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -68,6 +69,25 @@ class ImageConfig:
         return replace(self, **kwargs)
 
 
+_scratch = threading.local()
+SCRATCH_MAX = 64 << 20  # elements (256 MB of float32) kept between calls, per thread
+
+
+def to_unit_float(image: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] -> float32 in [0, 1], into a buffer reused across calls: a fresh
+    full-resolution allocation costs more in page faults than the conversion itself."""
+    n = image.size
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < n:
+        buf = torch.empty(n)
+        if n <= SCRATCH_MAX:
+            _scratch.buf = buf
+    with warnings.catch_warnings():  # PIL's arrays are read-only; we only read them
+        warnings.simplefilter("ignore", UserWarning)
+        src = torch.from_numpy(image)
+    return buf[:n].view(image.shape).copy_(src).div_(255)
+
+
 def select_tiling(h: int, w: int, window: int, max_crops: int) -> tuple[int, int]:
     """(rows, cols) of crops: the least upscaling that fits, else the least downscaling (float32 math)."""
     cands = sorted(((i, j) for i in range(1, max_crops + 1) for j in range(1, max_crops + 1) if i * j <= max_crops),
@@ -97,15 +117,19 @@ def resize_and_pad(image: torch.Tensor, height: int, width: int, cfg: ImageConfi
     return out, mask
 
 
-def crops_to_patches(img: torch.Tensor, rows: int, cols: int, stride: int, cfg: ImageConfig) -> torch.Tensor:
+def crops_to_patches(img: torch.Tensor, rows: int, cols: int, stride: int, cfg: ImageConfig,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """[H, W, C] -> [rows * cols, (S/p)^2, p*p*C]: S-pixel crops every `stride` pixels, cut into patches
-    with pixels in (row, column, channel) order, in one copy."""
+    with pixels in (row, column, channel) order, in one copy (into `out` when given)."""
     H, W, C = img.shape
     p, g = cfg.patch_size, cfg.crop_size // cfg.patch_size
     s = img.stride()
     view = img.as_strided((rows, cols, g, g, p, p, C),
                           (stride * s[0], stride * s[1], p * s[0], p * s[1], s[0], s[1], s[2]))
-    return view.reshape(rows * cols, g * g, p * p * C)
+    if out is None:
+        return view.reshape(rows * cols, g * g, p * p * C)
+    out.view(rows, cols, g, g, p, p, C).copy_(view)
+    return out
 
 
 def crop_windows(n: int, cfg: ImageConfig) -> list[tuple[int, int]]:
@@ -131,14 +155,15 @@ def tile_image(image: np.ndarray, cfg: ImageConfig, ids: dict[str, int]) -> Imag
     T, P = cfg.tokens_per_side, cfg.patch_size
     lm, rm = cfg.overlap_margins
     margin_px, window_px = (lm + rm) * P, cfg.window_patches * P
-    with warnings.catch_warnings():  # PIL's arrays are read-only; we only read them
-        warnings.simplefilter("ignore", UserWarning)
-        src = torch.from_numpy(image).float().div_(255)  # [H, W, 3] in [0, 1]
+    src = to_unit_float(image)  # [H, W, 3]
     rows, cols = select_tiling(image.shape[0] - margin_px, image.shape[1] - margin_px, window_px, cfg.max_crops)
 
     big, big_mask = resize_and_pad(src, rows * window_px + margin_px, cols * window_px + margin_px, cfg)
     glob, _ = resize_and_pad(src, cfg.crop_size, cfg.crop_size, cfg)
-    patches = torch.cat([crops_to_patches(glob, 1, 1, 0, cfg), crops_to_patches(big, rows, cols, window_px, cfg)])
+    g2 = (cfg.crop_size // P) ** 2
+    patches = torch.empty(1 + rows * cols, g2, P * P * 3)  # global view first, then the crops
+    crops_to_patches(glob, 1, 1, 0, cfg, out=patches[:1])
+    crops_to_patches(big, rows, cols, window_px, cfg, out=patches[1:])
     crop_masks = crops_to_patches(big_mask[..., None], rows, cols, window_px, cfg).mean(-1)  # [n, patches]
     masks = torch.cat([crop_masks, torch.full_like(crop_masks[:1], -1)])  # the reference's shift
 
