@@ -68,7 +68,7 @@ def _inputs(model: Molmo, batch: dict) -> dict:
     return out
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: under it autocast would re-cast every weight at every step
 def token_steps(model: Molmo, batch: dict, cfg: GenerationConfig) -> Iterator[torch.Tensor]:
     """Yield the next token of every row [B] (on the model's device), step after step, up to
     cfg.max_new_tokens. The KV cache lives while the iterator does."""
@@ -83,12 +83,8 @@ def token_steps(model: Molmo, batch: dict, cfg: GenerationConfig) -> Iterator[to
                          f"the context of {limit} tokens")
     S = L + cfg.max_new_tokens
     dev = ids.device
-    # One mask for the whole run: causal over the cache, padding keys off. Steps take a row of it.
-    positions, _ = positions_and_mask(ids)
-    keys_ok = torch.cat([ids != -1, torch.ones(B, cfg.max_new_tokens, dtype=torch.bool, device=dev)], 1)
-    mask = torch.ones(S, S, dtype=torch.bool, device=dev).tril() & (keys_ok[:, None, :] |
-                                                                     torch.eye(S, dtype=torch.bool, device=dev))
-    mask = mask.unsqueeze(1)  # [B, 1, S, S]
+    # One mask for the whole run, over the cache; each step takes its row of it.
+    positions, mask = positions_and_mask(ids, extra=cfg.max_new_tokens)  # mask [B, 1, S, S]
     gen = None
     if cfg.temperature > 0:
         gen = torch.Generator(dev)
@@ -103,6 +99,9 @@ def token_steps(model: Molmo, batch: dict, cfg: GenerationConfig) -> Iterator[to
     cache_dtype = torch.float32 if model.mode == "fp32" else torch.bfloat16
     llm = model.llm
     llm.setup_cache(B, S, cache_dtype, dev)
+    # Autocast keeps its bf16 copies of the weights only until the outermost autocast region ends;
+    # holding the nesting level up keeps them for the whole run (autocast itself is entered per step).
+    torch.autocast_increment_nesting()
     try:
         with model.precision():
             x = model.embed(ids, inp.get("images"), inp.get("image_masks"), inp.get("image_input_idx"))
@@ -129,6 +128,8 @@ def token_steps(model: Molmo, batch: dict, cfg: GenerationConfig) -> Iterator[to
             slot += 1
     finally:
         llm.clear_cache()
+        if torch.autocast_decrement_nesting() == 0:
+            torch.clear_autocast_cache()
 
 
 def _cuda_graph(decode, tok):

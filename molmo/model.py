@@ -15,17 +15,20 @@ from .vision import VisionEncoder
 MODES = ("fp32", "autocast", "bf16")
 
 
-def positions_and_mask(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions [B, L] (padding -1 does not advance them) and a causal bool mask [B, 1, L, L].
+def positions_and_mask(input_ids: torch.Tensor, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions [B, L] (padding -1 does not advance them) and a causal bool mask [B, 1, S, S] over
+    the L prompt columns and `extra` columns of new tokens after them (S = L + extra).
 
     Padding keys are masked out; each query may always see itself so no row is empty.
     """
+    B, L = input_ids.shape
+    dev = input_ids.device
     valid = input_ids != -1
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    L = input_ids.shape[1]
-    causal = torch.ones(L, L, dtype=torch.bool, device=input_ids.device).tril()
-    eye = torch.eye(L, dtype=torch.bool, device=input_ids.device)
-    mask = causal & (valid[:, None, :] | eye)
+    keys = torch.cat([valid, torch.ones(B, extra, dtype=torch.bool, device=dev)], 1)
+    S = L + extra
+    causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril()
+    mask = causal & (keys[:, None, :] | torch.eye(S, dtype=torch.bool, device=dev))
     return positions, mask.unsqueeze(1)
 
 

@@ -54,3 +54,14 @@ def test_out_of_range_inputs_raise_one_clear_error(golden_model):
     with pytest.raises(ValueError, match="images must have shape"):
         golden_model(torch.tensor([[1, 2]]), torch.zeros(1, 1, 575, 588), torch.ones(1, 1, 575),
                      torch.zeros(1, 1, 144, dtype=torch.long))
+
+
+def test_loaded_model_is_trainable_end_to_end(tiny_dir):
+    model = Molmo.from_pretrained(tiny_dir, device="cpu")
+    ids = torch.randint(0, 512, (1, 200))
+    idx = torch.full((1, 2, 144), -100)
+    idx[0, :, :5] = torch.arange(10).view(2, 5) + 1
+    logits = model(ids, torch.randn(1, 2, 576, 588), torch.ones(1, 2, 576), idx)
+    torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).backward()
+    for part in (model.vision.blocks[0].attn.wq.weight, model.connector.pool.wq.weight, model.llm.lm_head.weight):
+        assert part.grad is not None and part.grad.abs().sum() > 0

@@ -2,6 +2,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from molmo.preprocess import MolmoProcessor, Tokenizer, format_prompt
 
@@ -69,3 +71,24 @@ def test_from_pretrained_reads_preprocessor_config(tmp_path):
     p = MolmoProcessor.from_pretrained(tmp_path)
     assert p.image_config.max_crops == 3
     assert p.process(images=_img(1000, 1000), text="x")["images"].shape[0] <= 4
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(sizes=st.lists(st.tuples(st.integers(1, 900), st.integers(1, 900)), min_size=2, max_size=3),
+       max_crops=st.integers(1, 12))
+def test_several_images_never_share_a_token(processor, sizes, max_crops):
+    out = processor.process(images=[np.zeros((h, w, 3), dtype=np.uint8) for h, w in sizes], text="x",
+                            max_crops=max_crops)
+    idx = out["image_input_idx"]
+    fed = idx[idx >= 0].tolist()
+    assert len(fed) == len(set(fed))
+    assert sorted(fed) == torch.nonzero(out["input_ids"] == 152066).flatten().tolist()
+    # Each image's crops feed only positions inside its own <im_start> ... <im_end> blocks.
+    starts = torch.nonzero(out["input_ids"] == 152064).flatten().tolist()[::2]  # global block of each image
+    ends = starts[1:] + [len(out["input_ids"])]
+    crop = 0
+    for (h, w), lo, hi in zip(sizes, starts, ends):
+        n = processor.process(images=np.zeros((h, w, 3), dtype=np.uint8), text="x", max_crops=max_crops)["images"].shape[0]
+        mine = idx[crop:crop + n]
+        assert mine[mine >= 0].min() > lo and mine[mine >= 0].max() < hi
+        crop += n
