@@ -136,7 +136,10 @@ def run_live(a, modes: list[str]) -> int:
         return 2
     stood_in = _install_standins()
     if stood_in:
-        print(f"note: torch stand-ins for {', '.join(stood_in)} (the resize is torch's, as in the goldens)")
+        why = " (the resize is torch's, as in the goldens)" if "tensorflow" in stood_in else ""
+        print(f"note: torch stand-ins for {', '.join(stood_in)}{why}")
+    if "tensorflow" not in stood_in:
+        print("note: real TensorFlow resizes the official pixels; it differs from torch's by up to ~6e-5 in [0, 1]")
     ref = load_reference(a.reference_code)
     model_dir = Path(a.model)
     images = [Image.open(p) for p in a.image]
