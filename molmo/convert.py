@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 import torch
 
@@ -225,10 +226,13 @@ def to_hf(model_dir: Path, out: Path, progress: bool = True) -> tuple[Path, Path
         for k, name in enumerate(theirs):
             parts[name] = (ours, sum(rows[:k]), rows[k])
 
-    def qwen2(name):
+    def qwen2(name):  # read only this part's rows: they are contiguous in the file
         ours, start, rows = parts[name]
-        bar.update(rows / entries[ours].shape[0])
-        return read_tensor(entries[ours])[start:start + rows]
+        e = entries[ours]
+        row_bytes = e.nbytes // e.shape[0]
+        bar.update(rows / e.shape[0])
+        return read_tensor(replace(e, shape=(rows, *e.shape[1:]), offset=e.offset + start * row_bytes,
+                                   nbytes=rows * row_bytes))
 
     qdir = out / "qwen2"
     write_snapshot(qdir, [(n, (rows, *entries[o].shape[1:]), dtype) for n, (o, _, rows) in parts.items()], qwen2,
