@@ -23,7 +23,7 @@ LLM = "model.transformer."
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
+    from huggingface_hub.utils import tqdm  # progress bars as the hub download shows them
 
     return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled)
 
