@@ -89,7 +89,7 @@ def _answer(a):
 
     from .checkpoint import snapshot_tensors
     from .config import MolmoConfig
-    from .generation import GenerationConfig, generate
+    from .generation import GenerationConfig, check_context, generate
     from .loading import resolve_snapshot
     from .model import Molmo
     from .preprocess import MolmoProcessor
@@ -107,10 +107,7 @@ def _answer(a):
     snapshot_tensors(folder)
     processor = MolmoProcessor.from_pretrained(folder)
     inputs = processor.process(images=a.image or None, text=a.prompt)
-    limit = config.llm.max_position_embeddings
-    if len(inputs["input_ids"]) + a.max_new_tokens > limit:
-        raise ValueError(f"prompt of {len(inputs['input_ids'])} tokens + --max-new-tokens {a.max_new_tokens} "
-                         f"exceeds the context of {limit} tokens")
+    check_context(config, len(inputs["input_ids"]), a.max_new_tokens)  # before the (long) load
     model = Molmo.from_pretrained(folder, dtype=dtype, device=device)
     load_s = time.perf_counter() - t0
     cfg = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,

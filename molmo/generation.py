@@ -58,6 +58,14 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int | None, 
     return logits.softmax(-1)
 
 
+def check_context(config, prompt_tokens: int, max_new_tokens: int) -> None:
+    """One clear error, before any compute, for a prompt plus new tokens past the context."""
+    limit = config.llm.max_position_embeddings
+    if prompt_tokens + max_new_tokens > limit:
+        raise ValueError(f"prompt of {prompt_tokens} tokens + max_new_tokens {max_new_tokens} exceeds "
+                         f"the context of {limit} tokens")
+
+
 def _inputs(model: Molmo, batch: dict) -> dict:
     keys = ("input_ids", "images", "image_masks", "image_input_idx")
     out = {k: batch[k] for k in keys if batch.get(k) is not None}
@@ -76,11 +84,7 @@ def token_steps(model: Molmo, batch: dict, cfg: GenerationConfig) -> Iterator[to
     ids = inp["input_ids"]
     B, L = ids.shape
     n_real = (ids != -1).sum(1)
-    limit = model.config.llm.max_position_embeddings
-    longest = int(n_real.max())
-    if longest + cfg.max_new_tokens > limit:
-        raise ValueError(f"prompt of {longest} tokens + max_new_tokens {cfg.max_new_tokens} exceeds "
-                         f"the context of {limit} tokens")
+    check_context(model.config, int(n_real.max()), cfg.max_new_tokens)
     S = L + cfg.max_new_tokens
     dev = ids.device
     # One mask for the whole run, over the cache; each step takes its row of it.
