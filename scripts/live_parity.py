@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from molmo import Molmo, MolmoProcessor
 from molmo.generation import generate
+from parity import BF16_REL, FP32_REL, PREPROCESS_TOL, Checks, max_abs, rel
 
 MODE_KEYS = {"fp32": "fp32", "autocast_bf16": "autocast", "bf16": "bf16"}
 
@@ -118,11 +119,6 @@ def reference_processor(ref, model_dir: Path):
     return ref.processing.MolmoProcessor(ref.image.MolmoImageProcessor(**cfg), AutoTokenizer.from_pretrained(model_dir))
 
 
-def _rel(a, b) -> float:
-    a, b = a.double().cpu(), b.double().cpu()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
 def _context(mode: str, device: str):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=mode == "autocast")
 
@@ -144,23 +140,17 @@ def run_live(a, modes: list[str]) -> int:
     model_dir = Path(a.model)
     images = [Image.open(p) for p in a.image]
     n_new, device = a.max_new_tokens, a.device
-    failed = passed = 0
-
-    def report(ok, name, detail):
-        nonlocal failed, passed
-        passed += ok
-        failed += not ok
-        print(f"{'PASS' if ok else 'FAIL'} {name}: {detail}", flush=True)
+    report = Checks()
 
     # Preprocessing, each side with its own processor.
     rp = reference_processor(ref, model_dir)
     theirs = {k: v for k, v in rp.process(images=images, text=a.prompt).items()}
     ours = MolmoProcessor.from_pretrained(model_dir).process(images=list(a.image), text=a.prompt)
-    for key, tol in (("input_ids", 0), ("image_input_idx", 0), ("image_masks", 1e-6), ("images", 1e-4)):
+    for key, tol in PREPROCESS_TOL.items():
         if theirs[key].shape != ours[key].shape:
             report(False, f"preprocess {key}", f"shape {list(ours[key].shape)} vs {list(theirs[key].shape)}")
             continue
-        err = float((ours[key].double() - theirs[key].double()).abs().max())
+        err = max_abs(ours[key], theirs[key])
         report(err <= tol, f"preprocess {key}", f"max abs {err:.2e} (tol {tol:g})")
 
     # The models, on the same (reference) inputs.
@@ -186,18 +176,19 @@ def run_live(a, modes: list[str]) -> int:
         with _context(mode, device):
             r_gen = rm.generate_from_batch(inp, gen_cfg, tokenizer=rp.tokenizer)[:, batch["input_ids"].shape[1]:]
         m_gen = generate(mine, batch, max_new_tokens=n_new, stop_on_eos=False).tokens
-        report(_rel(m_feats, r_feats) <= (1e-4 if mode == "fp32" else 4e-2), f"{key} image features",
-               f"rel {_rel(m_feats, r_feats):.2e}")
-        e = _rel(m_logits[:, -1], r_logits[:, -1])
-        report(e <= (1e-4 if mode == "fp32" else 4e-2), f"{key} last logits", f"rel {e:.2e}")
+        tol = FP32_REL if mode == "fp32" else BF16_REL
+        e = rel(m_feats.cpu(), r_feats.cpu())
+        report(e <= tol, f"{key} image features", f"rel {e:.2e}")
+        e = rel(m_logits[:, -1].cpu(), r_logits[:, -1].cpu())
+        report(e <= tol, f"{key} last logits", f"rel {e:.2e}")
         if mode == "fp32":
-            e = _rel(m_logits, r_logits)
-            report(e <= 1e-4, f"{key} all logits", f"rel {e:.2e}")
+            e = rel(m_logits.cpu(), r_logits.cpu())
+            report(e <= FP32_REL, f"{key} all logits", f"rel {e:.2e}")
             fp32_last = r_logits[:, -1]
             record["fp32.logits"] = r_logits.cpu()
             record["fp32.image_features"] = r_feats.cpu()
         elif fp32_last is not None:
-            drift, ours_drift = _rel(r_logits[:, -1], fp32_last), _rel(m_logits[:, -1], fp32_last)
+            drift, ours_drift = rel(r_logits[:, -1].cpu(), fp32_last.cpu()), rel(m_logits[:, -1].cpu(), fp32_last.cpu())
             report(ours_drift <= 2 * drift + 1e-2, f"{key} drift from fp32", f"ours {ours_drift:.2e}, reference {drift:.2e}")
         same = (m_gen.cpu() == r_gen.cpu())
         agree = int(same.cumprod(1).sum())
@@ -210,8 +201,8 @@ def run_live(a, modes: list[str]) -> int:
     if a.record:
         _record(Path(a.record), model_dir, a, rp, theirs, record, [k for k in MODE_KEYS if k in modes], n_new)
         print(f"recorded a golden folder at {a.record}")
-    print(f"parity: {passed} passed, {failed} failed")
-    return 1 if failed else 0
+    print(f"parity: {report.passed} passed, {report.failed} failed")
+    return 1 if report.failed else 0
 
 
 def _record(out: Path, model_dir: Path, a, rp, processed: dict, record: dict, modes: list[str], n_new: int) -> None:
