@@ -1,7 +1,9 @@
 """Generation: one prefill, then decoding against a static KV cache; greedy or sampled; streaming."""
 from __future__ import annotations
 
+import functools
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
@@ -24,6 +26,7 @@ class GenerationConfig:
     stop_strings: tuple[str, ...] = ()
     stop_on_eos: bool = True
     eos_token_id: int | None = None  # default: the tokenizer's, else 151643
+    compile: bool = False  # torch.compile the decode step: fewer, fused kernels; compiles once per cache size
 
     def __post_init__(self):
         if isinstance(self.stop_strings, str):
@@ -40,7 +43,9 @@ class GenerationOutput:
     tokens: torch.Tensor  # [B, n] new tokens; after a row stops, EOS
     lengths: list[int]  # tokens each row produced, its stop token included
     texts: list[str] | None = None  # decoded answers (stop strings and EOS cut off) with a tokenizer
-    timings: dict = field(default_factory=dict)  # prefill_s (time to first token), decode_s, tokens_per_s
+    # prefill_s (time to first token), decode_s, tokens_per_s; steady_tokens_per_s: the rate after
+    # the first host sync (step 8 at most), past one-time set-up such as a CUDA graph capture
+    timings: dict = field(default_factory=dict)
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -85,10 +90,13 @@ def token_steps(model: Molmo, batch: dict, cfg: GenerationConfig) -> Iterator[to
     B, L = ids.shape
     n_real = (ids != -1).sum(1)
     check_context(model.config, int(n_real.max()), cfg.max_new_tokens)
-    S = L + cfg.max_new_tokens
+    extra = cfg.max_new_tokens
+    if cfg.compile:  # cache sizes in steps of 256 columns, so similar prompts reuse one compiled step
+        extra = -(-(L + extra) // 256) * 256 - L
+    S = L + extra
     dev = ids.device
     # One mask for the whole run, over the cache; each step takes its row of it.
-    positions, mask = positions_and_mask(ids, extra=cfg.max_new_tokens)  # mask [B, 1, S, S]
+    positions, mask = positions_and_mask(ids, extra=extra)  # mask [B, 1, S, S]
     gen = None
     if cfg.temperature > 0:
         gen = torch.Generator(dev)
@@ -109,16 +117,17 @@ def token_steps(model: Molmo, batch: dict, cfg: GenerationConfig) -> Iterator[to
     try:
         with model.precision():
             x = model.embed(ids, inp.get("images"), inp.get("image_masks"), inp.get("image_input_idx"))
-            h = llm(x, positions, mask[:, :, :L, :L], torch.arange(L, device=dev))
+            padded = bool((n_real < L).any())  # without padding: plain causal, the fused kernels
+            h = llm(x, positions, mask[:, :, :L, :L] if padded else None, torch.arange(L, device=dev))
             last = h[torch.arange(B, device=dev), n_real - 1]  # each row's last real token
             tok = pick(llm.logits(last[:, None])[:, 0].float())
         pos = n_real[:, None].clone()  # [B, 1]: new tokens continue each row's positions
         slot = torch.tensor([L], device=dev)  # the cache column the next token is written to
 
-        def decode(tok):  # fixed shapes, tensor indices only: capturable as a CUDA graph
-            with model.precision():
-                h = llm(llm.embed(tok[:, None]), pos, mask.index_select(2, slot), slot)
-                return pick(llm.logits(h)[:, 0].float())
+        next_logits = _compiled_next_logits() if cfg.compile else _next_logits
+
+        def decode(tok):
+            return pick(next_logits(model, tok, pos, mask, slot))
 
         step = decode
         if dev.type == "cuda" and cfg.temperature == 0 and cfg.max_new_tokens > 2:
@@ -136,6 +145,20 @@ def token_steps(model: Molmo, batch: dict, cfg: GenerationConfig) -> Iterator[to
             torch.clear_autocast_cache()
 
 
+def _next_logits(model: Molmo, tok, pos, mask, slot) -> torch.Tensor:
+    """One decode step: tokens [B] at positions pos [B, 1] written to cache column slot [1] ->
+    fp32 logits [B, V]. Fixed shapes and tensor indices only: compilable, capturable as a CUDA graph."""
+    llm = model.llm
+    with model.precision():
+        h = llm(llm.embed(tok[:, None]), pos, mask.index_select(2, slot), slot)
+        return llm.logits(h)[:, 0].float()
+
+
+@functools.cache
+def _compiled_next_logits():
+    return torch.compile(_next_logits, fullgraph=True)
+
+
 def _cuda_graph(decode, tok):
     """Capture one decode step as a CUDA graph: a step becomes a single launch instead of hundreds.
     The warm-up writes the next cache column, which the first real step then overwrites."""
@@ -149,7 +172,8 @@ def _cuda_graph(decode, tok):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             static_next = decode(static_tok)
-    except RuntimeError:  # an op that cannot be captured: decode eagerly
+    except RuntimeError as e:  # an op that cannot be captured: decode eagerly
+        warnings.warn(f"decoding without a CUDA graph, capture failed: {str(e).splitlines()[0]}")
         return None
 
     def replay(tok):
@@ -190,9 +214,11 @@ def _run(model, batch, cfg: GenerationConfig, tokenizer, streaming: bool):
     on_host = bool(cfg.stop_strings) or streaming  # tokens must come to the host every step
     steps = token_steps(model, batch, cfg)
     out: list[torch.Tensor] = []
+    marks: list[tuple[int, float]] = []  # (step, time) at host syncs, for the steady decoding rate
     t0 = time.perf_counter()
     for n, tok in enumerate(steps):
         if n == 0:
+            _sync(tok)  # the first token exists (on CUDA, launching is not computing)
             t_first = time.perf_counter()
             finished = torch.zeros_like(tok, dtype=torch.bool)
             stops: list[int | None] = [None] * tok.shape[0]  # step at which a stop string completed
@@ -215,9 +241,13 @@ def _run(model, batch, cfg: GenerationConfig, tokenizer, streaming: bool):
                 if streaming and safe > sent[r]:
                     yield r, text[sent[r]:safe]
                     sent[r] = safe
-        if (on_host or n % 8 == 7) and bool(finished.all()):
-            steps.close()
-            break
+        if on_host or n % 8 == 7:
+            done = bool(finished.all())  # a host sync: the steps so far have run
+            marks.append((n, time.perf_counter()))
+            if done:
+                steps.close()
+                break
+    _sync(tok)
     end = time.perf_counter()
     tokens = torch.stack(out, 1)
     lengths = []
@@ -230,7 +260,15 @@ def _run(model, batch, cfg: GenerationConfig, tokenizer, streaming: bool):
     n_new = tokens.shape[1]
     timings = {"prefill_s": t_first - t0, "decode_s": end - t_first,
                "tokens_per_s": (n_new - 1) / (end - t_first) if n_new > 1 else 0.0}
+    later = [(n, t) for n, t in marks if 0 < n < n_new - 1]  # synced after the first step's set-up
+    if later:
+        timings["steady_tokens_per_s"] = (n_new - 1 - later[0][0]) / (end - later[0][1])
     return GenerationOutput(tokens, lengths, texts, timings)
+
+
+def _sync(t: torch.Tensor) -> None:
+    if t.device.type == "cuda":
+        torch.cuda.synchronize(t.device)
 
 
 def _answer(tokenizer, ids: list[int], eos: int, stop_strings) -> tuple[str, bool]:

@@ -60,18 +60,33 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, slots=None):
         B, T, _ = x.shape
-        d = self.head_dim
-        q, k, v = self.qkv(x).split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
-        q = apply_rotary(q.view(B, T, self.heads, d).transpose(1, 2), cos, sin)  # [B, H, T, d]
-        k = apply_rotary(k.view(B, T, self.kv_heads, d).transpose(1, 2), cos, sin)  # [B, KV, T, d]
-        v = v.view(B, T, self.kv_heads, d).transpose(1, 2)
+        H, KV, d = self.heads, self.kv_heads, self.head_dim
+        qkv = self.qkv(x).view(B, T, H + 2 * KV, d).transpose(1, 2)  # [B, H + 2 KV, T, d]
+        qk = apply_rotary(qkv[:, : H + KV], cos, sin)  # queries and keys rotated together
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV :]
         if self.cache is not None:
             k, v = self.cache.update(slots, k, v)
-            S = mask.shape[-1]  # keys this call may see: the prompt at prefill, the whole cache after
+            S = T if mask is None else mask.shape[-1]  # keys this call may see
             k, v = k[:, :, :S], v[:, :, :S]
-        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-                                           enable_gqa=self.heads != self.kv_heads)
+        o = attend(q, k.to(q.dtype), v.to(q.dtype), mask)  # [B, H, T, d]
         return self.out(o.transpose(1, 2).reshape(B, T, -1))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Grouped-query attention: q [B, H, T, d], k and v [B, KV, S, d] -> [B, H, T, d].
+
+    mask: bool [B, 1, T, S], or None for plain causal attention over T == S tokens (the fused
+    kernels' fast path: a prompt without padding).
+    """
+    B, H, T, d = q.shape
+    G = H // k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G > 1)
+    if T == 1:  # one new token: each key/value head's G query heads attend as G queries, no copies
+        return F.scaled_dot_product_attention(q.reshape(B, -1, G, d), k, v, attn_mask=mask).view(B, H, 1, d)
+    if G > 1:  # masked kernels take equal head counts
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class MLP(nn.Module):
@@ -126,8 +141,9 @@ class Decoder(nn.Module):
     def forward(self, x, positions, mask, slots=None) -> torch.Tensor:
         """Embeddings [B, T, hidden] at positions [B, T] -> hidden states [B, T, hidden].
 
-        mask: bool [B, 1, T, S], True where a query may attend to a key. With a KV cache set up,
-        slots [T] are the cache columns this call writes and S the cache columns it reads.
+        mask: bool [B, 1, T, S], True where a query may attend to a key, or None for plain causal
+        attention. With a KV cache set up, slots [T] are the cache columns this call writes and S
+        (T without a mask) the cache columns it reads.
         """
         cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
         for block in self.blocks:

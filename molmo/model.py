@@ -103,6 +103,8 @@ class Molmo(nn.Module):
         check_inputs(self.config, input_ids, images, image_masks, image_input_idx)
         with self.precision():
             positions, mask = positions_and_mask(input_ids)
+            if not (input_ids == -1).any():
+                mask = None  # plain causal: the fused attention kernels' fast path
             x = self.embed(input_ids, images, image_masks, image_input_idx)
             return self.llm.logits(self.llm(x, positions, mask)).float()
 

@@ -86,7 +86,7 @@ def last_real(ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def run_model(golden: Path, out: Path, device: str, check: Checks, modes: list[str]) -> None:
+def run_model(golden: Path, out: Path, device: str, check: Checks, modes: list[str], compile: bool = False) -> None:
     cases = json.loads((golden / "cases.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     model = Molmo.from_pretrained(golden / "checkpoint", dtype="fp32", device=device)
@@ -108,7 +108,7 @@ def run_model(golden: Path, out: Path, device: str, check: Checks, modes: list[s
             m[f"{key}.last_logits"] = logits[rows, last_real(inp["input_ids"])].cpu()
             gen = generate(model, inp, GenerationConfig(max_new_tokens=r[f"{key}.generated"].shape[1]
                                                         if f"{key}.generated" in r else c["n_new_tokens"],
-                                                        stop_on_eos=False))
+                                                        stop_on_eos=False, compile=compile))
             m[f"{key}.generated"] = gen.tokens.cpu()
             compare_model_case(name, key, r, m, check)
     for c in cases:  # the golden's keys exactly: every one produced, nothing extra
@@ -154,6 +154,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", type=Path, help="folder with the real tokenizer.json")
     p.add_argument("--out", type=Path, help="where to write the project's outputs (golden layout)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true", help="generate with the compiled decode step")
     p.add_argument("--modes", default="fp32,autocast,bf16", help="precision modes of the model section")
     p.add_argument("--live", action="store_true", help="compare against the official code (see --reference-code)")
     p.add_argument("--reference-code", type=Path)
@@ -184,7 +185,7 @@ def main(argv=None) -> int:
         if (a.golden / "preprocess").is_dir():
             run_preprocess(a.golden / "preprocess", a.out / "preprocess", MolmoProcessor(tok), check)
     if (a.golden / "model").is_dir():
-        run_model(a.golden / "model", a.out / "model", a.device, check, modes)
+        run_model(a.golden / "model", a.out / "model", a.device, check, modes, a.compile)
     print(f"parity: {check.passed} passed, {check.failed} failed")
     return 1 if check.failed else 0
 

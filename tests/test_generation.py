@@ -189,3 +189,14 @@ def test_readme_quick_start_and_ask_helper(text_model_dir):
                                        tokenizer=processor.tokenizer)
     text = processor.tokenizer.decode(output[0, inputs["input_ids"].size(1):], skip_special_tokens=True)
     assert text == ask(model, processor, "Describe this image.", images=[img], max_new_tokens=8)
+
+
+def test_compiled_decode_step_gives_the_eager_tokens_and_reuses_its_compilation(tiny):
+    torch._dynamo.reset()
+    exs = [_example(3, 40, 2), _example(4, 52, 1)]  # both fit one 256-column cache: one compilation
+    for ex in exs:
+        eager = generate(tiny, ex, max_new_tokens=8, stop_on_eos=False).tokens
+        compiled = generate(tiny, ex, max_new_tokens=8, stop_on_eos=False, compile=True).tokens
+        assert torch.equal(compiled, eager)
+    counters = torch._dynamo.utils.counters
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
