@@ -70,22 +70,27 @@ class ImageConfig:
 
 
 _scratch = threading.local()
-SCRATCH_MAX = 64 << 20  # elements (256 MB of float32) kept between calls, per thread
+SCRATCH_MAX = 64 << 20  # elements (256 MB of float32) kept between calls, per thread and purpose
 
 
-def to_unit_float(image: np.ndarray) -> torch.Tensor:
-    """uint8 [H, W, 3] -> float32 in [0, 1], into a buffer reused across calls: a fresh
-    full-resolution allocation costs more in page faults than the conversion itself."""
-    n = image.size
-    buf = getattr(_scratch, "buf", None)
+def scratch(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A float32 buffer reused across calls: fresh large allocations cost more in page faults than
+    the arithmetic done in them. Only for intermediates that never leave `tile_image`."""
+    n = int(np.prod(shape))
+    buf = getattr(_scratch, name, None)
     if buf is None or buf.numel() < n:
         buf = torch.empty(n)
         if n <= SCRATCH_MAX:
-            _scratch.buf = buf
+            setattr(_scratch, name, buf)
+    return buf[:n].view(shape)
+
+
+def to_unit_float(image: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] -> float32 in [0, 1] (a scratch buffer)."""
     with warnings.catch_warnings():  # PIL's arrays are read-only; we only read them
         warnings.simplefilter("ignore", UserWarning)
         src = torch.from_numpy(image)
-    return buf[:n].view(image.shape).copy_(src).div_(255)
+    return scratch("unit", image.shape).copy_(src).div_(255)
 
 
 def select_tiling(h: int, w: int, window: int, max_crops: int) -> tuple[int, int]:
@@ -100,21 +105,39 @@ def select_tiling(h: int, w: int, window: int, max_crops: int) -> tuple[int, int
     return cands[int(np.argmin(np.where(scale < 1, np.float32(10e9), scale)))]
 
 
-def resize_and_pad(image: torch.Tensor, height: int, width: int, cfg: ImageConfig):
-    """float32 [h, w, 3] in [0, 1] -> normalised [height, width, 3] and a real-pixel mask [height, width]."""
+def resize_and_pad(image: torch.Tensor, height: int, width: int, cfg: ImageConfig, name: str = "padded"):
+    """float32 [h, w, 3] in [0, 1] -> normalised [height, width, 3] (a scratch buffer: copy what you
+    keep) and the resized image's place in it, (top, left, rows, cols)."""
     h, w = image.shape[:2]
     scale = min(np.float32(height) / np.float32(h), np.float32(width) / np.float32(w))
     # The reference truncates float32(h) * scale; at least one pixel survives very thin images.
     nh, nw = max(1, int(np.float32(h) * scale)), max(1, int(np.float32(w) * scale))
     x = image.permute(2, 0, 1).unsqueeze(0)  # channels-last [1, 3, h, w]
-    x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+    x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0]  # [3, nh, nw]
+    mean, std = (torch.tensor(v, dtype=torch.float32)[:, None, None] for v in (cfg.mean, cfg.std))
+    x.clamp_(0, 1).sub_(mean).div_(std)  # per channel plane: contiguous, and the same float32 ops per pixel
+    pad = (torch.zeros(3, 1, 1) - mean).div_(std)[:, 0, 0]  # a padding pixel (0) normalised alike
     top, left = (height - nh) // 2, (width - nw) // 2
-    out = torch.zeros(height, width, 3)
-    out[top:top + nh, left:left + nw] = x[0].permute(1, 2, 0).clamp_(0, 1)
-    out.sub_(torch.tensor(cfg.mean, dtype=torch.float32)).div_(torch.tensor(cfg.std, dtype=torch.float32))
-    mask = torch.zeros(height, width)
-    mask[top:top + nh, left:left + nw] = 1
-    return out, mask
+    out = scratch(name, (height, width, 3))
+    out[:top] = pad
+    out[top + nh:] = pad
+    out[top:top + nh, :left] = pad
+    out[top:top + nh, left + nw:] = pad
+    out[top:top + nh, left:left + nw] = x.permute(1, 2, 0)
+    return out, (top, left, nh, nw)
+
+
+def real_fraction(rows: int, cols: int, stride: int, place: tuple[int, int, int, int], cfg: ImageConfig) -> torch.Tensor:
+    """Per crop patch, the fraction of its pixels inside the resized image: [rows * cols, (S/p)^2]."""
+    top, left, nh, nw = place
+    p, g = cfg.patch_size, cfg.crop_size // cfg.patch_size
+
+    def inside(n: int, start: int, size: int) -> torch.Tensor:  # [n, g]: pixels per patch line inside
+        first = torch.arange(n)[:, None] * stride + torch.arange(g)[None, :] * p
+        return ((first + p).clamp(max=start + size) - first.clamp(min=start)).clamp(min=0)
+
+    count = inside(rows, top, nh)[:, None, :, None] * inside(cols, left, nw)[None, :, None, :]  # [r, c, g, g]
+    return count.reshape(rows * cols, g * g).float() / (p * p)
 
 
 def crops_to_patches(img: torch.Tensor, rows: int, cols: int, stride: int, cfg: ImageConfig,
@@ -158,13 +181,13 @@ def tile_image(image: np.ndarray, cfg: ImageConfig, ids: dict[str, int]) -> Imag
     src = to_unit_float(image)  # [H, W, 3]
     rows, cols = select_tiling(image.shape[0] - margin_px, image.shape[1] - margin_px, window_px, cfg.max_crops)
 
-    big, big_mask = resize_and_pad(src, rows * window_px + margin_px, cols * window_px + margin_px, cfg)
-    glob, _ = resize_and_pad(src, cfg.crop_size, cfg.crop_size, cfg)
     g2 = (cfg.crop_size // P) ** 2
     patches = torch.empty(1 + rows * cols, g2, P * P * 3)  # global view first, then the crops
+    glob, _ = resize_and_pad(src, cfg.crop_size, cfg.crop_size, cfg, name="global")
     crops_to_patches(glob, 1, 1, 0, cfg, out=patches[:1])
+    big, place = resize_and_pad(src, rows * window_px + margin_px, cols * window_px + margin_px, cfg)
     crops_to_patches(big, rows, cols, window_px, cfg, out=patches[1:])
-    crop_masks = crops_to_patches(big_mask[..., None], rows, cols, window_px, cfg).mean(-1)  # [n, patches]
+    crop_masks = real_fraction(rows, cols, window_px, place, cfg)  # [n, patches]
     masks = torch.cat([crop_masks, torch.full_like(crop_masks[:1], -1)])  # the reference's shift
 
     # Token block: global view, then the tiled view's pooled tokens in raster order over the image.
