@@ -92,3 +92,15 @@ def test_point_draws_parsed_points(text_model_dir, tmp_path, monkeypatch, capsys
     assert json.loads(out.splitlines()[-1])["points"][1] == {"x": 150.0, "y": 50.0, "label": "dots"}
     marked = Image.open(tmp_path / "out.png")
     assert marked.getpixel((50 - 4, 50))[0] > 200 and marked.getpixel((5, 5)) == (0, 0, 0)
+
+
+def test_generate_compile_flag_reaches_the_generation_config(text_model_dir, monkeypatch, capsys):
+    import molmo.generation as generation
+
+    seen = []
+    real = generation.generate
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: seen.append(a[2]) or real(*a, **k))
+    for flags in ([], ["--compile"]):
+        assert cli.main(["generate", "--model", str(text_model_dir), "--prompt", "Hi", "--max-new-tokens", "1",
+                         "--json", *flags]) == 0
+    assert [c.compile for c in seen] == [False, True]
