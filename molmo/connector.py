@@ -7,15 +7,16 @@ from einops import rearrange
 from torch import nn
 
 from .config import MolmoConfig
+from .layers import Linear
 from .vision import VisionAttention
 
 
 class Projector(nn.Module):
     def __init__(self, in_dim: int, hidden: int, out_dim: int):
         super().__init__()
-        self.w1 = nn.Linear(in_dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, out_dim, bias=False)
-        self.w3 = nn.Linear(in_dim, hidden, bias=False)
+        self.w1 = Linear(in_dim, hidden, bias=False)
+        self.w2 = Linear(hidden, out_dim, bias=False)
+        self.w3 = Linear(in_dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

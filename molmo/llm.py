@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LLMConfig
+from .layers import Linear
 
 
 class RMSNorm(nn.Module):
@@ -54,8 +55,8 @@ class Attention(nn.Module):
     def __init__(self, c: LLMConfig):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = c.heads, c.kv_heads, c.head_dim
-        self.qkv = nn.Linear(c.hidden, (c.heads + 2 * c.kv_heads) * c.head_dim, bias=True)
-        self.out = nn.Linear(c.heads * c.head_dim, c.hidden, bias=False)
+        self.qkv = Linear(c.hidden, (c.heads + 2 * c.kv_heads) * c.head_dim, bias=True)
+        self.out = Linear(c.heads * c.head_dim, c.hidden, bias=False)
         self.cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask, slots=None):
@@ -95,8 +96,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 class MLP(nn.Module):
     def __init__(self, c: LLMConfig):
         super().__init__()
-        self.up_gate = nn.Linear(c.hidden, c.intermediate, bias=False)  # [value | gate]
-        self.down = nn.Linear(c.mlp_hidden, c.hidden, bias=False)
+        self.up_gate = Linear(c.hidden, c.intermediate, bias=False)  # [value | gate]
+        self.down = Linear(c.mlp_hidden, c.hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value, gate = self.up_gate(x).chunk(2, dim=-1)
@@ -139,7 +140,7 @@ class Decoder(nn.Module):
         self.embed = Embedding(c)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.layers))
         self.norm = RMSNorm(c.hidden, c.norm_eps)
-        self.lm_head = nn.Linear(c.hidden, c.vocab, bias=False)
+        self.lm_head = Linear(c.hidden, c.vocab, bias=False)
 
     def forward(self, x, positions, mask, slots=None) -> torch.Tensor:
         """Embeddings [B, T, hidden] at positions [B, T] -> hidden states [B, T, hidden].

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig
+from .layers import Linear
 
 
 def attention_fp32_qk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -28,10 +29,10 @@ class VisionAttention(nn.Module):
     def __init__(self, c: VisionConfig, in_dim: int):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = c.heads, c.kv_heads, c.head_dim
-        self.wq = nn.Linear(in_dim, c.heads * c.head_dim)
-        self.wk = nn.Linear(in_dim, c.kv_heads * c.head_dim)
-        self.wv = nn.Linear(in_dim, c.kv_heads * c.head_dim)
-        self.wo = nn.Linear(c.heads * c.head_dim, c.width)
+        self.wq = Linear(in_dim, c.heads * c.head_dim)
+        self.wk = Linear(in_dim, c.kv_heads * c.head_dim)
+        self.wv = Linear(in_dim, c.kv_heads * c.head_dim)
+        self.wo = Linear(c.heads * c.head_dim, c.width)
 
     def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor) -> torch.Tensor:
         B, Tq, _ = x_q.shape
@@ -46,8 +47,8 @@ class VisionAttention(nn.Module):
 class VisionMLP(nn.Module):
     def __init__(self, c: VisionConfig):
         super().__init__()
-        self.w1 = nn.Linear(c.width, c.mlp_dim)
-        self.w2 = nn.Linear(c.mlp_dim, c.width)
+        self.w1 = Linear(c.width, c.mlp_dim)
+        self.w2 = Linear(c.mlp_dim, c.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.w1(x)
@@ -74,7 +75,7 @@ class VisionEncoder(nn.Module):
     def __init__(self, c: VisionConfig):
         super().__init__()
         self.config = c
-        self.patch_embed = nn.Linear(c.patch_dim, c.width, bias=False)
+        self.patch_embed = Linear(c.patch_dim, c.width, bias=False)
         self.cls_token = nn.Parameter(torch.zeros(c.width))
         self.pos_embed = nn.Parameter(torch.zeros(c.num_pos, c.width))
         self.pre_norm = nn.LayerNorm(c.width, eps=c.norm_eps)
