@@ -83,9 +83,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     G = H // k.shape[1]
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G > 1)
-    if T == 1:  # one new token: each key/value head's G query heads as G queries, no copies of k, v.
-        # Plain matmuls: a fused kernel would run one thread block per key/value head here, far too few.
-        scores = q.reshape(B, -1, G, d) @ k.transpose(-1, -2) * d**-0.5  # [B, KV, G, S]
+    if T == 1:  # one new token: each key/value head's G query heads act as G queries, no copies of k, v
+        qg = q.reshape(B, -1, G, d)  # [B, KV, G, d]
+        if q.device.type == "cpu":
+            return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask).reshape(B, H, 1, d)
+        # GPU: a fused kernel would run one thread block per key/value head here; plain matmuls fill it.
+        scores = qg @ k.transpose(-1, -2) * d**-0.5  # [B, KV, G, S]
         p = scores.float().masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
         return (p @ v).reshape(B, H, 1, d)
     if G > 1:  # masked kernels take equal head counts
