@@ -2,7 +2,7 @@
 # On a machine with a CUDA GPU: parity on CUDA in all three precision modes against the goldens,
 # then the full-size 7B-D benchmark (random weights, bf16): time to first token with a 13-crop image
 # and batch-1 decode speed against the HBM bound, eager CUDA graph and compiled decode step; then
-# parity again with the compiled step. Prints a short table last; about 5 minutes on an H200.
+# parity again with the compiled step. Prints a short table last; about 2 minutes on an H200.
 #
 #   bash scripts/gpu_check.sh [GOLDEN_DIR [TOKENIZER_DIR]]     (default: ../shared/golden, ../shared/tokenizer)
 set -uo pipefail
