@@ -87,13 +87,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         qg = q.reshape(B, -1, G, d)  # [B, KV, G, d]
         if q.device.type == "cpu":
             return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask).reshape(B, H, 1, d)
-        # GPU: a fused kernel would run one thread block per key/value head here; plain matmuls fill it.
-        scores = qg @ k.transpose(-1, -2) * d**-0.5  # [B, KV, G, S]
-        p = scores.float().masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
-        return (p @ v).reshape(B, H, 1, d)
+        return attend_by_matmuls(qg, k, v, mask).reshape(B, H, 1, d)
     if G > 1:  # masked kernels take equal head counts
         k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def attend_by_matmuls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked attention as two batched matmuls and an fp32 softmax, for a few queries [B, KV, G, d]
+    (GPU decoding: a fused kernel would run one thread block per key/value head; these fill it)."""
+    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5  # [B, KV, G, S]
+    p = scores.float().masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
+    return p @ v
 
 
 class MLP(nn.Module):

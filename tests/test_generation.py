@@ -200,3 +200,11 @@ def test_compiled_decode_step_gives_the_eager_tokens_and_reuses_its_compilation(
         assert torch.equal(compiled, eager)
     counters = torch._dynamo.utils.counters
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_timings_give_first_token_latency_and_the_steady_rate_after_set_up(tiny):
+    t = generate(tiny, _example(), max_new_tokens=12, stop_on_eos=False).timings
+    assert t["prefill_s"] > 0 and t["tokens_per_s"] == pytest.approx(11 / t["decode_s"])
+    assert t["steady_tokens_per_s"] > 0  # measured from the sync at step 8 to the end
+    short = generate(tiny, _example(), max_new_tokens=5, stop_on_eos=False).timings
+    assert "steady_tokens_per_s" not in short  # no sync between the first step and the end

@@ -39,3 +39,18 @@ def test_positions_skip_padding_and_mask_hides_padding_keys():
     pos, mask = positions_and_mask(ids)
     assert pos.tolist() == [[0, 1, 1, 1], [0, 1, 2, 3]]
     assert not mask[0, 0, 3, 2] and mask[0, 0, 3, 3] and mask[0, 0, 1, 0] and not mask[1, 0, 0, 1]
+
+
+def test_decode_attention_by_matmuls_equals_grouped_sdpa():
+    import torch.nn.functional as F
+
+    from molmo.llm import attend_by_matmuls
+
+    g = torch.Generator().manual_seed(0)
+    B, KV, G, S, d = 2, 2, 3, 11, 16
+    q, k, v = (torch.randn(B, n, m, d, generator=g) for n, m in ((KV * G, 1), (KV, S), (KV, S)))
+    mask = torch.rand(B, 1, 1, S, generator=g) > 0.3
+    mask[..., 0] = True
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), attn_mask=mask)
+    got = attend_by_matmuls(q.reshape(B, KV, G, d), k, v, mask).reshape(B, KV * G, 1, d)
+    assert torch.allclose(got, want, atol=1e-6)
