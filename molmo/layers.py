@@ -25,7 +25,7 @@ class Linear(nn.Linear):
     sums are fp32 in either case, and it is ~5x faster there (prefill). Single rows keep bf16."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu"
+        if (x.is_cpu and x.dtype == self.weight.dtype == torch.bfloat16
                 and x.numel() >= MIN_ROWS * x.shape[-1] and not cpu_has_bf16_math()):
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), self.weight.float(), bias).to(torch.bfloat16)
