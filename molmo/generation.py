@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .model import Molmo, check_inputs, positions_and_mask
+from .model import Molmo, check_inputs, positions_and_mask, prompt_mask
 
 EOS_ID = 151643  # <|endoftext|> in the Qwen2 vocabulary
 
@@ -117,8 +117,7 @@ def token_steps(model: Molmo, batch: dict, cfg: GenerationConfig) -> Iterator[to
     try:
         with model.precision():
             x = model.embed(ids, inp.get("images"), inp.get("image_masks"), inp.get("image_input_idx"))
-            padded = bool((n_real < L).any())  # without padding: plain causal, the fused kernels
-            h = llm(x, positions, mask[:, :, :L, :L] if padded else None, torch.arange(L, device=dev))
+            h = llm(x, positions, prompt_mask(ids, mask), torch.arange(L, device=dev))
             last = h[torch.arange(B, device=dev), n_real - 1]  # each row's last real token
             tok = pick(llm.logits(last[:, None])[:, 0].float())
         pos = n_real[:, None].clone()  # [B, 1]: new tokens continue each row's positions
@@ -130,11 +129,12 @@ def token_steps(model: Molmo, batch: dict, cfg: GenerationConfig) -> Iterator[to
             return pick(next_logits(model, tok, pos, mask, slot))
 
         step = decode
+        graph = dev.type == "cuda" and cfg.temperature == 0 and cfg.max_new_tokens > 2
         for n in range(cfg.max_new_tokens):
             yield tok
             if n == cfg.max_new_tokens - 1:
                 break
-            if n == 0 and dev.type == "cuda" and cfg.temperature == 0 and cfg.max_new_tokens > 2:
+            if n == 0 and graph:
                 step = _cuda_graph(decode, tok) or decode  # after the first token: not in its latency
             tok = step(tok)
             pos += 1
@@ -214,7 +214,8 @@ def _run(model, batch, cfg: GenerationConfig, tokenizer, streaming: bool):
     on_host = bool(cfg.stop_strings) or streaming  # tokens must come to the host every step
     steps = token_steps(model, batch, cfg)
     out: list[torch.Tensor] = []
-    marks: list[tuple[int, float]] = []  # (step, time) at host syncs, for the steady decoding rate
+    host: list[list[int]] = []  # with on_host: each row's tokens so far
+    mark = None  # (step, time) of the first host sync after the first step: start of the steady rate
     t0 = time.perf_counter()
     for n, tok in enumerate(steps):
         if n == 0:
@@ -223,13 +224,15 @@ def _run(model, batch, cfg: GenerationConfig, tokenizer, streaming: bool):
             finished = torch.zeros_like(tok, dtype=torch.bool)
             stops: list[int | None] = [None] * tok.shape[0]  # step at which a stop string completed
             sent = [0] * tok.shape[0]
-        tok = torch.where(finished, torch.full_like(tok, eos), tok)
+            host = [[] for _ in range(tok.shape[0])]
+        tok = tok.masked_fill(finished, eos)
         out.append(tok)
         if cfg.stop_on_eos:
             finished |= tok == eos
         if on_host:
-            rows = torch.stack(out, 1).tolist()
-            for r, row in enumerate(rows):
+            for row, t in zip(host, tok.tolist()):
+                row.append(t)
+            for r, row in enumerate(host):
                 if stops[r] is not None or (cfg.stop_on_eos and eos in row[:-1]):
                     continue
                 text, hit = _answer(tokenizer, row, eos, cfg.stop_strings)
@@ -243,7 +246,8 @@ def _run(model, batch, cfg: GenerationConfig, tokenizer, streaming: bool):
                     sent[r] = safe
         if on_host or n % 8 == 7:
             done = bool(finished.all())  # a host sync: the steps so far have run
-            marks.append((n, time.perf_counter()))
+            if mark is None and n > 0:
+                mark = (n, time.perf_counter())
             if done:
                 steps.close()
                 break
@@ -260,9 +264,8 @@ def _run(model, batch, cfg: GenerationConfig, tokenizer, streaming: bool):
     n_new = tokens.shape[1]
     timings = {"prefill_s": t_first - t0, "decode_s": end - t_first,
                "tokens_per_s": (n_new - 1) / (end - t_first) if n_new > 1 else 0.0}
-    later = [(n, t) for n, t in marks if 0 < n < n_new - 1]  # synced after the first step's set-up
-    if later:
-        timings["steady_tokens_per_s"] = (n_new - 1 - later[0][0]) / (end - later[0][1])
+    if mark is not None and mark[0] < n_new - 1:  # past the first step's set-up (graph capture)
+        timings["steady_tokens_per_s"] = (n_new - 1 - mark[0]) / (end - mark[1])
     return GenerationOutput(tokens, lengths, texts, timings)
 
 

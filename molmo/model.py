@@ -32,6 +32,13 @@ def positions_and_mask(input_ids: torch.Tensor, extra: int = 0) -> tuple[torch.T
     return positions, mask.unsqueeze(1)
 
 
+def prompt_mask(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """The prompt's [B, 1, L, L] part of `mask`, or None (plain causal, the fused attention
+    kernels' fast path) when no row is padded."""
+    L = input_ids.shape[1]
+    return mask[:, :, :L, :L] if bool((input_ids == -1).any()) else None
+
+
 class Molmo(nn.Module):
     """Molmo-7B-D. Build from a config (weights uninitialised) or load with `from_pretrained`."""
 
@@ -103,10 +110,8 @@ class Molmo(nn.Module):
         check_inputs(self.config, input_ids, images, image_masks, image_input_idx)
         with self.precision():
             positions, mask = positions_and_mask(input_ids)
-            if not (input_ids == -1).any():
-                mask = None  # plain causal: the fused attention kernels' fast path
             x = self.embed(input_ids, images, image_masks, image_input_idx)
-            return self.llm.logits(self.llm(x, positions, mask)).float()
+            return self.llm.logits(self.llm(x, positions, prompt_mask(input_ids, mask))).float()
 
     def generate_from_batch(self, batch: dict, generation_config=None, tokenizer=None, **kwargs) -> torch.Tensor:
         """The model card's call: a processed (batched) dict in, prompt + new tokens [B, L + n] out."""
