@@ -6,6 +6,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 MIN_ROWS = 64  # below this (decoding), reading bf16 weights beats converting them
 
@@ -30,3 +31,11 @@ class Linear(nn.Linear):
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), self.weight.float(), bias).to(torch.bfloat16)
         return super().forward(x)
+
+
+def checkpointed(block: nn.Module, enabled: bool, *args):
+    """block(*args), recomputing its activations in the backward pass when `enabled` and gradients
+    are on (activation checkpointing): the same gradients, a fraction of the memory."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)

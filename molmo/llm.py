@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LLMConfig
-from .layers import Linear
+from .layers import Linear, checkpointed
 
 
 class RMSNorm(nn.Module):
@@ -149,17 +149,21 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.layers))
         self.norm = RMSNorm(c.hidden, c.norm_eps)
         self.lm_head = Linear(c.hidden, c.vocab, bias=False)
+        self.gradient_checkpointing = False
 
-    def forward(self, x, positions, mask, slots=None) -> torch.Tensor:
-        """Embeddings [B, T, hidden] at positions [B, T] -> hidden states [B, T, hidden].
+    def forward(self, x, positions, mask, slots=None, hidden_states: list | None = None) -> torch.Tensor:
+        """Embeddings [B, T, hidden] at positions [B, T] -> hidden states [B, T, hidden] (before `norm`).
 
         mask: bool [B, 1, T, S], True where a query may attend to a key, or None for plain causal
         attention. With a KV cache set up, slots [T] are the cache columns this call writes and S
-        (T without a mask) the cache columns it reads.
+        (T without a mask) the cache columns it reads. `hidden_states`, if a list, receives the
+        input of every block.
         """
         cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
         for block in self.blocks:
-            x = block(x, cos, sin, mask, slots)
+            if hidden_states is not None:
+                hidden_states.append(x)
+            x = checkpointed(block, self.gradient_checkpointing, x, cos, sin, mask, slots)
         return x
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -123,7 +123,7 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device="c
         dest = torch.empty(param.shape, dtype=dtype, device=device)
         read_into(entries[published_name(name)], dest)
         module_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(dest))
+        setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(dest, requires_grad=param.requires_grad))
     return model.eval()
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 from .config import MolmoConfig
 from .connector import Connector
 from .llm import Decoder
+from .loss import check_labels, loss_targets, weighted_loss
 from .vision import VisionEncoder
 
 MODES = ("fp32", "autocast", "bf16")
@@ -19,7 +21,8 @@ def positions_and_mask(input_ids: torch.Tensor, extra: int = 0) -> tuple[torch.T
     """Positions [B, L] (padding -1 does not advance them) and a causal bool mask [B, 1, S, S] over
     the L prompt columns and `extra` columns of new tokens after them (S = L + extra).
 
-    Padding keys are masked out; each query may always see itself so no row is empty.
+    Padding keys are masked out, as in the reference: a padding query sees the real tokens before
+    it, and a row with no real token at all sees every column (the reference's uniform softmax).
     """
     B, L = input_ids.shape
     dev = input_ids.device
@@ -27,8 +30,8 @@ def positions_and_mask(input_ids: torch.Tensor, extra: int = 0) -> tuple[torch.T
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
     keys = torch.cat([valid, torch.ones(B, extra, dtype=torch.bool, device=dev)], 1)
     S = L + extra
-    causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril()
-    mask = causal & (keys[:, None, :] | torch.eye(S, dtype=torch.bool, device=dev))
+    mask = torch.ones(S, S, dtype=torch.bool, device=dev).tril() & keys[:, None, :]  # [B, S, S]
+    mask |= ~mask.any(-1, keepdim=True)
     return positions, mask.unsqueeze(1)
 
 
@@ -37,6 +40,17 @@ def prompt_mask(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | N
     kernels' fast path) when no row is padded."""
     L = input_ids.shape[1]
     return mask[:, :, :L, :L] if bool((input_ids == -1).any()) else None
+
+
+@dataclass
+class MolmoOutput:
+    """What `Molmo.forward` returns: fp32 logits [B, L, V] (None with return_logits=False and
+    labels), the loss [] when labels are given, and with output_hidden_states n_layers + 1
+    tensors [B, L, hidden]."""
+
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 class Molmo(nn.Module):
@@ -80,6 +94,12 @@ class Molmo(nn.Module):
         self.mode = precision_mode(mode)
         return self.to(torch.bfloat16 if self.mode == "bf16" else torch.float32)
 
+    def set_gradient_checkpointing(self, enabled: bool = True) -> "Molmo":
+        """Activation checkpointing of every ViT and decoder block: their activations are recomputed
+        in the backward pass instead of kept (same gradients, much less memory, ~1/3 more compute)."""
+        self.vision.gradient_checkpointing = self.llm.gradient_checkpointing = enabled
+        return self
+
     def precision(self):
         """The autocast context of the current mode (a no-op outside autocast mode)."""
         if self.mode == "autocast":
@@ -105,13 +125,40 @@ class Molmo(nn.Module):
         rows = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)
         return x.index_put((rows[keep], idx[keep]), feats[keep].to(x.dtype), accumulate=True)
 
-    def forward(self, input_ids, images=None, image_masks=None, image_input_idx=None) -> torch.Tensor:
-        """Logits [B, L, vocab] for every position, no cache. Rows may be right-padded with -1."""
+    def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None = None,
+                image_masks: torch.Tensor | None = None, image_input_idx: torch.Tensor | None = None, *,
+                labels: torch.Tensor | None = None, loss_masks: torch.Tensor | None = None,
+                z_loss_scale: float | None = None, output_hidden_states: bool = False,
+                return_logits: bool = True) -> "MolmoOutput":
+        """The reference's forward, no cache. Rows may be right-padded with -1.
+
+        input_ids [B, L]; images [B, n_crops, 576, 588], image_masks [B, n_crops, 576],
+        image_input_idx [B, n_crops, 144] (see `molmo.preprocess`).
+        labels [B, L] with loss_masks [B, L]: labels[i] is position i's target, loss_masks[i] its
+        weight (Ai2's convention); labels alone: Hugging Face's (-100 ignored, shifted inside).
+        z_loss_scale adds the reference's z-loss (with loss_masks only). See `molmo.loss`.
+        output_hidden_states: the input of every decoder block, then the final norm's output.
+        return_logits=False skips the logits of positions without loss (saves memory in training).
+        """
         check_inputs(self.config, input_ids, images, image_masks, image_input_idx)
+        if labels is not None:
+            check_labels(labels, loss_masks, input_ids, self.config.llm.vocab)
+        hidden = [] if output_hidden_states else None
         with self.precision():
             positions, mask = positions_and_mask(input_ids)
             x = self.embed(input_ids, images, image_masks, image_input_idx)
-            return self.llm.logits(self.llm(x, positions, prompt_mask(input_ids, mask))).float()
+            h = self.llm.norm(self.llm(x, positions, prompt_mask(input_ids, mask), hidden_states=hidden))
+            logits = self.llm.lm_head(h).float() if return_logits or labels is None else None  # [B, L, V]
+            loss = None
+            if labels is not None:
+                targets, weights = loss_targets(labels, loss_masks)
+                keep = weights > 0  # only these positions enter the loss
+                counted = logits[keep] if logits is not None else self.llm.lm_head(h[keep]).float()  # [N, V]
+                scale = z_loss_scale if loss_masks is not None else None
+                loss = weighted_loss(counted, targets[keep], weights[keep], scale)
+        if hidden is not None:
+            hidden = tuple(hidden) + (h,)
+        return MolmoOutput(logits=logits, loss=loss, hidden_states=hidden)
 
     def generate_from_batch(self, batch: dict, generation_config=None, tokenizer=None, **kwargs) -> torch.Tensor:
         """The model card's call: a processed (batched) dict in, prompt + new tokens [B, L + n] out."""

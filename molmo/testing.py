@@ -31,7 +31,7 @@ def random_model(config: MolmoConfig, seed: int = 0, dtype=torch.float32, device
     for name, p in list(model.named_parameters()):
         t = random_tensor(published_name(name), tuple(p.shape), gen).to(dtype=dtype)
         module, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(module), attr, torch.nn.Parameter(t))
+        setattr(model.get_submodule(module), attr, torch.nn.Parameter(t, requires_grad=p.requires_grad))
     return model.eval()
 
 

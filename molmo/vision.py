@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig
-from .layers import Linear
+from .layers import Linear, checkpointed
 
 
 def attention_fp32_qk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -82,6 +82,8 @@ class VisionEncoder(nn.Module):
         self.blocks = nn.ModuleList(VisionBlock(c) for _ in range(c.layers))
         # Only the blocks up to the deepest feature layer need to run.
         self.n_run = max(i % c.layers for i in c.feature_layers) + 1
+        self.blocks[self.n_run:].requires_grad_(False)  # never run: no gradient, no optimizer state
+        self.gradient_checkpointing = False
 
     def positions(self, grid: int) -> torch.Tensor:
         """Positional embeddings [1 + grid^2, width], the 2-D table resized if the grid differs."""
@@ -104,7 +106,7 @@ class VisionEncoder(nn.Module):
                          c.norm_eps).to(x.dtype)
         out = []
         for block in self.blocks[: n_blocks or c.layers]:
-            x = block(x)
+            x = checkpointed(block, self.gradient_checkpointing, x)
             out.append(x)
         return out
 

@@ -169,7 +169,7 @@ def run_live(a, modes: list[str]) -> int:
         with _context(mode, device):
             r_logits = rm(**inp).logits.float()
             r_feats = rm.model.vision_backbone(inp["images"], inp["image_masks"])[0].float()
-        m_logits = mine(**batch)
+        m_logits = mine(**batch).logits
         with mine.precision():
             m_feats = mine.image_features(batch["images"], batch["image_masks"]).float()
         gen_cfg = GenerationConfig(max_new_tokens=n_new, do_sample=False, use_cache=True, eos_token_id=None)

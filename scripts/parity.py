@@ -20,12 +20,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from molmo import Molmo  # noqa: E402
 from molmo.generation import GenerationConfig, generate  # noqa: E402
+from molmo.loading import published_name  # noqa: E402
 from molmo.preprocess import MolmoProcessor, Tokenizer, format_prompt  # noqa: E402
 
 MODES = {"fp32": "fp32", "autocast_bf16": "autocast", "bf16": "bf16"}  # golden key -> our mode
 # golden/FORMAT.md: max abs for preprocessing, relative for the model (fp32, and the bf16 modes).
 PREPROCESS_TOL = {"input_ids": 0, "image_input_idx": 0, "image_masks": 1e-6, "images": 1e-4}
 FP32_REL, BF16_REL = 1e-4, 4e-2
+# golden/FORMAT.md, train/: loss (relative), hidden states (relative), gradients (norm of the error
+# within GRAD_REL of the reference's norm plus GRAD_FLOOR of the whole gradient's norm).
+LOSS_REL, AUTOCAST_LOSS_REL, HIDDEN_REL, GRAD_REL, GRAD_FLOOR = 1e-5, 1e-2, 1e-4, 1e-4, 1e-7
 
 
 class Checks:
@@ -100,7 +104,7 @@ def run_model(golden: Path, out: Path, device: str, check: Checks, modes: list[s
                 continue
             inp = {k[6:]: v.to(device) for k, v in r.items() if k.startswith("input.")}
             rows = torch.arange(inp["input_ids"].shape[0], device=device)
-            logits = model(**inp)  # [B, L, V]
+            logits = model(**inp).logits  # [B, L, V]
             if key == "fp32":
                 m["fp32.logits"] = logits.cpu()
                 if "images" in inp:
@@ -148,6 +152,75 @@ def compare_model_case(name: str, key: str, r: dict, m: dict, check: Checks) -> 
               f"{same}/{r[g].shape[0]} rows identical in full")
 
 
+def train_step(model: Molmo, inp: dict, case: dict) -> dict:
+    """One training forward (and, in fp32, backward) of a train case: its outputs in the golden's keys."""
+    key = "fp32" if model.mode == "fp32" else "autocast_bf16"
+    kwargs = {k: inp.get(k) for k in ("labels", "loss_masks")}
+    with torch.set_grad_enabled(key == "fp32"):
+        out = model(**{k: v for k, v in inp.items() if k not in kwargs}, **kwargs, z_loss_scale=case["z_loss_scale"],
+                    output_hidden_states=key == "fp32", return_logits=False)
+    got = {f"{key}.loss": out.loss.detach().cpu()}
+    if key == "fp32":
+        model.zero_grad(set_to_none=True)
+        out.loss.backward()
+        got["fp32.hidden_states"] = torch.stack(out.hidden_states).detach().cpu()
+        for name, p in model.named_parameters():
+            if p.grad is not None:
+                got[f"fp32.grad.{published_name(name)}"] = p.grad.cpu()
+        model.zero_grad(set_to_none=True)
+    return got
+
+
+def run_train(golden: Path, checkpoint: Path, out: Path, device: str, check: Checks, modes: list[str]) -> None:
+    cases = json.loads((golden / "cases.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    model = Molmo.from_pretrained(checkpoint, dtype="fp32", device=device)
+    for c in cases:
+        name = c["name"]
+        ref = load_file(str(golden / f"{name}.safetensors"))
+        inp = {k[6:]: v.to(device) for k, v in ref.items() if k.startswith("input.")}
+        mine = {k: v for k, v in ref.items() if k.startswith("input.")}
+        for key in [k for k in ("fp32", "autocast_bf16") if k in modes]:
+            model.set_mode(MODES[key])
+            mine.update(train_step(model, inp, c))
+        compare_train_case(c, ref, mine, check)
+        wanted = {k for k in ref if k.split(".")[0] in ("input",) + tuple(modes)}
+        missing = sorted(wanted - set(mine))
+        check(not missing, f"train {name} outputs", f"not produced: {missing[:3]}" if missing else "all keys written")
+        save_file({k: v.contiguous() for k, v in mine.items()}, str(out / f"{name}.safetensors"))
+    model.set_mode("fp32")
+    (out / "cases.json").write_text((golden / "cases.json").read_text())
+
+
+def compare_train_case(c: dict, r: dict, m: dict, check: Checks) -> None:
+    name = c["name"]
+    for k, tol in (("fp32.loss", LOSS_REL), ("autocast_bf16.loss", AUTOCAST_LOSS_REL), ("fp32.hidden_states", HIDDEN_REL)):
+        if k in r and k in m:
+            e = rel(m[k], r[k]) if m[k].shape == r[k].shape else float("inf")
+            check(e <= tol, f"train {name} {k}", f"rel {e:.2e} (tol {tol:g})")
+    if "fp32.loss" not in m:
+        return
+    ref_grads = {k for k in r if k.startswith("fp32.grad.")}
+    worst, bad = 0.0, []
+    for k in sorted(ref_grads):
+        if k not in m or m[k].shape != r[k].shape:
+            bad.append(f"{k[10:]} {'missing' if k not in m else 'shape ' + str(list(m[k].shape))}")
+            continue
+        err = float((m[k].double() - r[k].double()).norm())
+        limit = GRAD_REL * float(r[k].double().norm()) + GRAD_FLOOR * c["grad_norm"]
+        worst = max(worst, err / limit)
+        if err > limit:
+            bad.append(f"{k[10:]} error {err:.2e} > {limit:.2e}")
+    check(not bad, f"train {name} gradients",
+          f"{len(ref_grads)} within tolerance (worst at {worst:.2f} of its limit)" if not bad
+          else f"{len(bad)} of {len(ref_grads)} off, first: {bad[0]}")
+    no_grad = {f"fp32.grad.{n}" for n in c["params_without_grad"]}
+    extra = [k[10:] for k in sorted(set(m) - ref_grads) if k.startswith("fp32.grad.")
+             and (k not in no_grad or bool(m[k].any()))]
+    check(not extra, f"train {name} parameters without gradient",
+          f"{len(no_grad)} as the reference" if not extra else f"gradient where the reference has none: {extra[0]}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--golden", type=Path, help="golden folder (tokenizer/, preprocess/, model/)")
@@ -186,6 +259,8 @@ def main(argv=None) -> int:
             run_preprocess(a.golden / "preprocess", a.out / "preprocess", MolmoProcessor(tok), check)
     if (a.golden / "model").is_dir():
         run_model(a.golden / "model", a.out / "model", a.device, check, modes, a.compile)
+    if (a.golden / "train").is_dir():
+        run_train(a.golden / "train", a.golden / "model" / "checkpoint", a.out / "train", a.device, check, modes)
     print(f"parity: {check.passed} passed, {check.failed} failed")
     return 1 if check.failed else 0
 

@@ -38,7 +38,7 @@ def _greedy_by_recomputation(model, ex, n):
     out = []
     with torch.no_grad():
         for _ in range(n):
-            logits = model(ids, ex["images"][None], ex["image_masks"][None], ex["image_input_idx"][None])
+            logits = model(ids, ex["images"][None], ex["image_masks"][None], ex["image_input_idx"][None]).logits
             nxt = logits[0, -1].argmax()
             out.append(int(nxt))
             ids = torch.cat([ids, nxt.view(1, 1)], 1)

@@ -70,7 +70,7 @@ STANDIN = {
                 return self
 
             def __call__(self, input_ids, images=None, image_masks=None, image_input_idx=None):
-                return SimpleNamespace(logits=self.inner(input_ids, images, image_masks, image_input_idx) * SCALE)
+                return SimpleNamespace(logits=self.inner(input_ids, images, image_masks, image_input_idx).logits * SCALE)
 
             def generate_from_batch(self, batch, generation_config, tokenizer=None):
                 return generate_from_batch(self.inner, batch, max_new_tokens=generation_config.max_new_tokens,

@@ -13,7 +13,7 @@ def test_logits_match_qwen2_for_causal_lm(hf_pair):
     ids = torch.randint(0, 384, (2, 37))
     with torch.no_grad():
         ref = qwen(input_ids=ids).logits
-        ours = model(ids)
+        ours = model(ids).logits
     assert rel(ours, ref) <= 1e-5
 
 
@@ -23,7 +23,7 @@ def test_right_padding_does_not_change_real_positions(hf_pair):
     ids = torch.randint(0, 384, (1, 20))
     padded = torch.cat([ids, torch.full((1, 5), -1)], 1)
     with torch.no_grad():
-        assert rel(model(padded)[:, :20], qwen(input_ids=ids).logits) <= 1e-5
+        assert rel(model(padded).logits[:, :20], qwen(input_ids=ids).logits) <= 1e-5
 
 
 def test_extra_embedding_rows_serve_ids_past_the_vocabulary(hf_pair):
@@ -34,11 +34,14 @@ def test_extra_embedding_rows_serve_ids_past_the_vocabulary(hf_pair):
     assert torch.equal(emb[4], model.llm.embed.base[0])  # padding embeds as id 0
 
 
-def test_positions_skip_padding_and_mask_hides_padding_keys():
-    ids = torch.tensor([[5, 6, -1, -1], [5, 6, 7, 8]])
+def test_positions_skip_padding_and_mask_hides_padding_keys_as_the_reference():
+    ids = torch.tensor([[5, 6, -1, -1], [5, 6, 7, 8], [-1, -1, -1, -1]])
     pos, mask = positions_and_mask(ids)
-    assert pos.tolist() == [[0, 1, 1, 1], [0, 1, 2, 3]]
-    assert not mask[0, 0, 3, 2] and mask[0, 0, 3, 3] and mask[0, 0, 1, 0] and not mask[1, 0, 0, 1]
+    assert pos.tolist() == [[0, 1, 1, 1], [0, 1, 2, 3], [0, 0, 0, 0]]
+    # a padding query sees the real tokens before it and no padding key, itself included
+    assert mask[0, 0, 3].tolist() == [True, True, False, False] and mask[0, 0, 1].tolist() == [True, True, False, False]
+    assert mask[1, 0].equal(torch.ones(4, 4, dtype=torch.bool).tril())
+    assert mask[2].all()  # nothing real: every column, as the reference's uniform softmax
 
 
 def test_decode_attention_by_matmuls_equals_grouped_sdpa():

@@ -21,7 +21,7 @@ def _outputs(model):
     masks = torch.rand(1, 2, 576)
     idx = torch.randint(1, 300, (1, 2, 144))
     with torch.no_grad():
-        return model(ids, images, masks, idx)
+        return model(ids, images, masks, idx).logits
 
 
 def test_sharded_checkpoint_loads_equal_to_single_file_in_fp32_and_bf16(tmp_path, tiny_dir):

@@ -21,7 +21,7 @@ def test_fp32_logits_and_image_features_match_reference(golden_model, case):
     inp = {k[6:]: v for k, v in g.items() if k.startswith("input.")}
     with torch.no_grad():
         if "fp32.logits" in g:
-            assert rel(golden_model(**inp), g["fp32.logits"]) <= 1e-4
+            assert rel(golden_model(**inp).logits, g["fp32.logits"]) <= 1e-4
         if "fp32.image_features" in g:
             feats = golden_model.image_features(inp["images"], inp["image_masks"])
             assert rel(feats, g["fp32.image_features"]) <= 1e-4
@@ -31,12 +31,12 @@ def test_batch_rows_equal_single_rows_in_forward(golden_model):
     g = load_file(str(GOLDEN / "model" / "batch_right_padded.safetensors"))
     inp = {k[6:]: v for k, v in g.items() if k.startswith("input.")}
     with torch.no_grad():
-        batch = golden_model(**inp)
+        batch = golden_model(**inp).logits
         for b in range(2):
             n = int((inp["input_ids"][b] != -1).sum())
             crops = int((inp["image_input_idx"][b] != -1).any(-1).sum())
             one = golden_model(inp["input_ids"][b:b + 1, :n], inp["images"][b:b + 1, :crops],
-                               inp["image_masks"][b:b + 1, :crops], inp["image_input_idx"][b:b + 1, :crops])
+                               inp["image_masks"][b:b + 1, :crops], inp["image_input_idx"][b:b + 1, :crops]).logits
             assert rel(batch[b, :n], one[0]) < 1e-5
 
 
@@ -61,7 +61,7 @@ def test_loaded_model_is_trainable_end_to_end(tiny_dir):
     ids = torch.randint(0, 512, (1, 200))
     idx = torch.full((1, 2, 144), -100)
     idx[0, :, :5] = torch.arange(10).view(2, 5) + 1
-    logits = model(ids, torch.randn(1, 2, 576, 588), torch.ones(1, 2, 576), idx)
+    logits = model(ids, torch.randn(1, 2, 576, 588), torch.ones(1, 2, 576), idx).logits
     torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).backward()
     for part in (model.vision.blocks[0].attn.wq.weight, model.connector.pool.wq.weight, model.llm.lm_head.weight):
         assert part.grad is not None and part.grad.abs().sum() > 0
