@@ -8,6 +8,11 @@
   --workload preprocess  median ms to preprocess 1920x1080 and 4000x3000 RGB photos
   --workload mid         random weights: real ViT-L, a Qwen2-0.5B-sized LLM; one 640x480 image,
                          max_crops 1, 12 prompt tokens, 128 new tokens greedy (--dtype fp32|bf16)
+  --workload train       full fine-tuning steps (AdamW, fp32) of the mid model, batch 2, each row one
+                         640x480 image (max_crops 1) and a 64-token answer (--gradient-checkpointing):
+                         step time, peak RSS, and the activation memory (peak RSS minus the process
+                         before the model, weights, gradients and optimizer state)
+                         --size full --lora-rank R: the 7B-D, one 13-crop image, a 256-token answer
   --workload full        the full 7B-D with random weights (CUDA): batch-1 decode and time to first
                          token with a 13-crop image (--dtype bf16 by default)
 """
@@ -273,9 +278,73 @@ def bench_full(a) -> dict:
             "fraction_of_bound": round(rate / bound, 3)}
 
 
+def current_rss_gb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 1e9
+
+
+def bench_train(a) -> dict:
+    """Fine-tuning steps on random weights: the mid model (CPU) or the full 7B-D (--size full, CUDA)."""
+    from molmo.data import collate
+    from molmo.testing import random_model
+    from molmo.training import add_lora, train_step
+
+    torch.manual_seed(0)
+    full = a.size == "full"
+    mode = a.dtype or ("bf16" if full else "fp32")
+    base = current_rss_gb()
+    model = random_model(MolmoConfig() if full else MID, seed=0, device=a.device,
+                         dtype=torch.bfloat16 if mode == "bf16" else torch.float32).train()
+    model.mode = mode
+    model.set_gradient_checkpointing(a.gradient_checkpointing)
+    if a.lora_rank:
+        model = add_lora(model, a.lora_rank)
+    rows = []
+    h, w, crops, answer_len, batch_size = (1080, 1920, 12, 256, 1) if full else (480, 640, 1, 64, 2)
+    for seed in range(batch_size):
+        ex = _image_inputs(h, w, crops, 12, seed=seed)
+        answer = torch.from_numpy(np.random.default_rng(seed).integers(0, 150_000, answer_len))
+        ids = torch.cat([ex["input_ids"], answer, torch.tensor([151643])])
+        weights = torch.zeros(len(ids) - 1)
+        weights[len(ex["input_ids"]) - 1:] = 1  # the answer and its end-of-text token
+        rows.append({**ex, "input_ids": ids[:-1], "labels": ids[1:], "loss_masks": weights})
+    batch = collate(rows)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, foreach=False)
+    if a.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(a.steps):
+        _sync(a.device)
+        t = time.perf_counter()
+        loss = train_step(model, [batch])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(a.device)
+        times.append(time.perf_counter() - t)
+    weights_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    grads_gb = sum(p.numel() * p.element_size() for p in params) / 1e9
+    optim_gb = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                   if isinstance(t, torch.Tensor)) / 1e9
+    out = {"workload": "train", "size": a.size, "dtype": mode, "device": a.device, "lora_rank": a.lora_rank,
+           "gradient_checkpointing": a.gradient_checkpointing, "batch": batch_size,
+           "tokens_per_row": batch["input_ids"].shape[1], "crops_per_row": batch["images"].shape[1],
+           "loss": round(float(loss), 4), "step_s": round(statistics.median(times[1:] or times), 3),
+           "step_runs_s": [round(t, 3) for t in times], "weights_gb": round(weights_gb, 2),
+           "grads_gb": round(grads_gb, 3), "optimizer_gb": round(optim_gb, 3)}
+    if a.device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 1e9
+        out |= {"peak_gpu_gb": round(peak, 2), "activation_gb": round(peak - weights_gb - grads_gb - optim_gb, 2)}
+    else:
+        peak = peak_rss_gb()
+        out |= {"peak_rss_gb": round(peak, 2), "process_before_model_gb": round(base, 2),
+                "activation_gb": round(peak - base - weights_gb - grads_gb - optim_gb, 2)}
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", required=True, choices=["load", "convert", "preprocess", "mid", "full"])
+    p.add_argument("--workload", required=True, choices=["load", "convert", "preprocess", "mid", "full", "train"])
     p.add_argument("--dtype", choices=["fp32", "autocast", "bf16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dir", default="/tmp/molmo-bench-7b", help="where the synthetic 7B checkpoint lives")
@@ -283,10 +352,14 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--compile", action="store_true", help="mid, full: torch.compile the decode step")
     p.add_argument("--hbm-gb-s", type=float, default=None, help="bandwidth for the bound (default: measured copy)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="train: activation checkpointing")
+    p.add_argument("--steps", type=int, default=3, help="train: optimizer steps (the first is not timed)")
+    p.add_argument("--size", choices=["mid", "full"], default="mid", help="train: the mid model or the full 7B-D")
+    p.add_argument("--lora-rank", type=int, default=0, help="train: LoRA adapters of this rank (0: all weights)")
     p.add_argument("--reference-code", help="mid: also time the official code (folder of its .py files)")
     a = p.parse_args(argv)
     fn = {"load": bench_load, "convert": bench_convert, "preprocess": bench_preprocess, "mid": bench_mid,
-          "full": bench_full}[a.workload]
+          "full": bench_full, "train": bench_train}[a.workload]
     result = fn(a)
     print(json.dumps(result))
     return 0
