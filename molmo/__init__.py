@@ -1,8 +1,20 @@
-"""molmo: a from-scratch PyTorch implementation of Ai2's Molmo-7B-D-0924."""
-from .config import LLMConfig, MolmoConfig, VisionConfig
-from .generation import GenerationConfig, GenerationOutput, ask, generate, stream
-from .model import Molmo
-from .preprocess import MolmoProcessor, Tokenizer
+"""molmo: a from-scratch PyTorch implementation of Ai2's Molmo-7B-D-0924.
 
-__all__ = ["Molmo", "MolmoConfig", "VisionConfig", "LLMConfig", "MolmoProcessor", "Tokenizer",
-           "GenerationConfig", "GenerationOutput", "generate", "stream", "ask"]
+Names are imported on first use, so `import molmo.preprocess` loads none of the network code.
+"""
+import importlib
+
+_EXPORTS = {
+    "Molmo": "model", "MolmoOutput": "model",
+    "MolmoConfig": "config", "VisionConfig": "config", "LLMConfig": "config",
+    "MolmoProcessor": "preprocess", "Tokenizer": "preprocess",
+    "GenerationConfig": "generation", "GenerationOutput": "generation",
+    "generate": "generation", "stream": "generation", "ask": "generation",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'molmo' has no attribute {name!r}")

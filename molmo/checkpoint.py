@@ -123,6 +123,11 @@ def iter_chunks(entry: TensorEntry, chunk_bytes: int = CHUNK_BYTES, out: torch.T
             yield start, target
 
 
+def nonfinite(entries: Iterable[TensorEntry]) -> list[str]:
+    """The names of the tensors holding NaN or Inf, streamed chunk by chunk."""
+    return [e.name for e in entries if not all(bool(chunk.isfinite().all()) for _, chunk in iter_chunks(e))]
+
+
 def read_into(entry: TensorEntry, dest: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
     """Fill a contiguous `dest` (any dtype, any device) from the file, converting chunk by chunk."""
     flat = dest.view(-1)

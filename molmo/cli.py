@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,12 +47,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _inspect(a) -> int:
-    from .checkpoint import snapshot_tensors
+    from .checkpoint import DTYPES, nonfinite, snapshot_tensors
     from .config import MolmoConfig
-    from .loading import check_tensors, parameter_counts
+    from .loading import check_tensors, expected_tensors, parameter_counts
+    from .model import Molmo
 
     config = MolmoConfig.from_hf(a.model)
-    counts = parameter_counts(config)
+    meta = Molmo.meta(config)
+    counts = parameter_counts(meta)
     v, c = config.vision, config.llm
     print(f"Molmo at {a.model}")
     print(f"  vision     ViT {v.layers} blocks, width {v.width}, {v.heads} heads x {v.head_dim}, MLP {v.mlp_dim}, "
@@ -66,21 +69,26 @@ def _inspect(a) -> int:
     rc = 0
     try:
         entries = snapshot_tensors(a.model)
-    except Exception as e:  # no weights, or unreadable ones: the config summary still stands
+        r = check_tensors(expected_tensors(meta), entries)
+        bad_values = nonfinite(e for e in entries.values() if e.dtype in DTYPES) if r.ok else []
+    except (ValueError, OSError) as e:  # no weights, or unreadable ones: the config summary still stands
         print(f"  weights    not checked: {e}")
         result["weights"] = {"checked": False, "reason": str(e)}
+        rc = 1
     else:
-        r = check_tensors(config, entries)
+        ok = r.ok and not bad_values
         dtypes = sorted({e.dtype for e in entries.values()})
         print(f"  weights    {len(entries)} tensors in {len({e.file for e in entries.values()})} file(s), "
-              f"dtype {'/'.join(dtypes)}: {'all names, shapes and dtypes match' if r.ok else 'PROBLEMS'}")
+              f"dtype {'/'.join(dtypes)}: {'all names, shapes, dtypes and values good' if ok else 'PROBLEMS'}")
         for kind in ("missing", "unexpected", "wrong_shape", "wrong_dtype"):
             for item in getattr(r, kind):
                 print(f"    {kind.replace('_', ' ')}: {item}")
-        result["weights"] = {"checked": True, "ok": r.ok, "tensors": len(entries), "dtypes": dtypes,
-                             "missing": r.missing, "unexpected": r.unexpected,
-                             "wrong_shape": r.wrong_shape, "wrong_dtype": r.wrong_dtype}
-        rc = 0 if r.ok else 1
+        for name in bad_values:
+            print(f"    non-finite values: {name}")
+        result["weights"] = {"checked": True, "ok": ok, "tensors": len(entries), "dtypes": dtypes,
+                             "missing": r.missing, "unexpected": r.unexpected, "wrong_shape": r.wrong_shape,
+                             "wrong_dtype": r.wrong_dtype, "non_finite": bad_values}
+        rc = 0 if ok else 1
     if a.json:
         print(json.dumps(result))
     return rc
@@ -92,7 +100,7 @@ def _answer(a):
     from .checkpoint import snapshot_tensors
     from .config import MolmoConfig
     from .generation import GenerationConfig, check_context, generate
-    from .loading import resolve_snapshot
+    from .hub import resolve_snapshot
     from .model import Molmo
     from .preprocess import MolmoProcessor
 
@@ -134,6 +142,20 @@ def _generate(a) -> int:
     return 0
 
 
+def _check_output_image(out: Path, source: Path) -> None:
+    from PIL import Image
+
+    if out.is_dir():
+        raise ValueError(f"--out {out}: is a folder; give a file name such as marked.png")
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--out {out}: unknown image extension {out.suffix!r} (use .png or .jpg)")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ValueError(f"--out {out}: folder {folder} does not exist or is not writable")
+    if out.exists() and source.exists() and out.resolve() == source.resolve():
+        raise ValueError(f"--out {out}: is the input image; choose another file")
+
+
 def _point(a) -> int:
     from PIL import Image
 
@@ -142,6 +164,7 @@ def _point(a) -> int:
 
     if len(a.image) != 1:
         raise ValueError("point takes exactly one --image")
+    _check_output_image(a.out, a.image[0])  # before the (long) load
     result = _answer(a)
     image = Image.fromarray(load_image(a.image[0]))
     points = parse_points(result["text"], image.width, image.height)

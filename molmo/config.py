@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
@@ -97,40 +97,66 @@ class MolmoConfig:
     def to_hf(self) -> dict:
         """The published config.json keys (plus `vision_backbone` when the ViT is not CLIP-L)."""
         c = self.llm
-        out = {
-            "architectures": ["MolmoForCausalLM"],
-            "model_type": "molmo",
-            "attention_layer_norm": False,
-            "clip_qkv": None,
-            "embedding_size": c.vocab,
-            "vocab_size": c.vocab,
-            "hidden_size": c.hidden,
-            "initializer_range": 0.02,
-            "intermediate_size": c.intermediate,
-            "layer_norm_eps": c.norm_eps,
-            "layer_norm_type": "rms",
-            "max_position_embeddings": c.max_position_embeddings,
-            "norm_after": False,
-            "num_attention_heads": c.heads,
-            "num_hidden_layers": c.layers,
-            "num_key_value_heads": c.kv_heads,
-            "qkv_bias": True,
-            "rope_theta": c.rope_theta,
-            "tie_word_embeddings": False,
-            "torch_dtype": "float32",
-            "use_cache": True,
-            "use_position_ids": True,
-            "weight_tying": False,
-        }
-        v = self.vision
-        if v != VisionConfig():
-            out["vision_backbone"] = {
-                "image_emb_dim": v.width, "image_num_heads": v.heads,
-                "image_num_key_value_heads": v.kv_heads, "image_head_dim": v.head_dim,
-                "image_num_layers": v.layers, "image_mlp_dim": v.mlp_dim,
-                "image_num_pos": v.num_pos, "image_norm_eps": v.norm_eps,
-            }
+        out = {"architectures": ["MolmoForCausalLM"], "model_type": "molmo", **_FIXED,
+               **{key: getattr(c, f) for f, key in MOLMO_KEYS.items()}, "vocab_size": c.vocab,
+               "initializer_range": 0.02, "torch_dtype": "float32", "use_cache": True}
+        if self.vision != VisionConfig():
+            out["vision_backbone"] = {key: getattr(self.vision, f) for key, f in _VISION_KEYS.items()}
         return out
+
+    def to_qwen2(self, dtype: str = "float32") -> dict:
+        """The decoder as transformers' Qwen2ForCausalLM config (its intermediate size is one half)."""
+        c = self.llm
+        return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+                **{key: getattr(c, f) for f, key in QWEN2_KEYS.items()}, "intermediate_size": c.mlp_hidden,
+                "tie_word_embeddings": False, "torch_dtype": dtype, "bos_token_id": 151643, "eos_token_id": 151643}
+
+    def to_clip(self, dtype: str = "float32") -> dict:
+        """The ViT as transformers' CLIPVisionModel config, with Molmo's blocks (the CLIP block Molmo
+        drops is not restored)."""
+        v = self.vision
+        return {"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model", "hidden_act": "quick_gelu",
+                **{key: getattr(v, f) for f, key in CLIP_KEYS.items()}, "num_hidden_layers": v.layers,
+                "num_channels": 3, "torch_dtype": dtype}
+
+    @classmethod
+    def from_clip_qwen2(cls, clip: dict, qwen2: dict) -> "MolmoConfig":
+        """A Molmo of a transformers CLIP (its last block dropped, as Molmo does) and Qwen2."""
+        c = clip.get("vision_config", clip)  # full CLIPModel configs nest it
+        if c.get("image_size", 336) != 336 or c.get("patch_size", 14) != 14:
+            raise ConfigError("the CLIP model must take 336 px images in 14 px patches")
+        if c.get("hidden_act", "quick_gelu") != "quick_gelu":
+            raise ConfigError(f"CLIP hidden_act {c.get('hidden_act')!r}: Molmo uses quick_gelu")
+        v = _read(VisionConfig, CLIP_KEYS, c, "CLIP config.json")
+        v = replace(v, kv_heads=v.heads, head_dim=v.width // v.heads, layers=v.layers - 1,
+                    num_pos=(v.image_size // v.patch_size) ** 2 + 1)
+        q = dict(qwen2)
+        q.setdefault("num_key_value_heads", q.get("num_attention_heads"))
+        q["rope_theta"] = q.get("rope_theta") or (q.get("rope_parameters") or {}).get("rope_theta", 1e6)
+        llm = _read(LLMConfig, QWEN2_KEYS, q, "Qwen2 config.json")
+        llm = replace(llm, intermediate=2 * llm.intermediate,
+                      max_position_embeddings=min(llm.max_position_embeddings, 4096))
+        return cls(vision=v, llm=llm)
+
+
+# Our config fields and the config.json keys that carry them, per layout; both directions use these.
+MOLMO_KEYS = {
+    "hidden": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads",
+    "kv_heads": "num_key_value_heads", "intermediate": "intermediate_size", "vocab": "embedding_size",
+    "rope_theta": "rope_theta", "norm_eps": "layer_norm_eps", "max_position_embeddings": "max_position_embeddings",
+}
+QWEN2_KEYS = {**MOLMO_KEYS, "vocab": "vocab_size", "norm_eps": "rms_norm_eps"}
+CLIP_KEYS = {"width": "hidden_size", "heads": "num_attention_heads", "layers": "num_hidden_layers",
+             "mlp_dim": "intermediate_size", "norm_eps": "layer_norm_eps", "image_size": "image_size",
+             "patch_size": "patch_size"}
+
+
+def _read(cls, keys: dict, raw: dict, where: str):
+    """A config dataclass from the keys of `raw` that `keys` names; absent keys keep the defaults."""
+    try:
+        return cls(**{f: type(getattr(cls, f))(raw[k]) for f, k in keys.items() if raw.get(k) is not None})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: bad value ({e})") from None
 
 
 # Values a Molmo config.json may carry that would change the computation; we support one each.
@@ -155,23 +181,13 @@ def _from_dict(raw: dict, where: str) -> MolmoConfig:
     for key, expected in _FIXED.items():
         if key in raw and raw[key] != expected:
             raise ConfigError(f"{where}: {key}={raw[key]!r} is not supported (Molmo uses {expected!r})")
-    try:
-        vocab = raw.get("embedding_size") or raw["vocab_size"]
-        llm = LLMConfig(
-            hidden=int(raw["hidden_size"]),
-            layers=int(raw["num_hidden_layers"]),
-            heads=int(raw["num_attention_heads"]),
-            kv_heads=int(raw.get("num_key_value_heads") or raw["num_attention_heads"]),
-            intermediate=int(raw["intermediate_size"]),
-            vocab=int(vocab),
-            rope_theta=float(raw.get("rope_theta", 1e6)),
-            norm_eps=float(raw.get("layer_norm_eps", 1e-6)),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
-        )
-    except KeyError as e:
-        raise ConfigError(f"{where}: missing key {e.args[0]!r}") from None
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: bad value ({e})") from None
+    raw = {**raw, "embedding_size": raw.get("embedding_size") or raw.get("vocab_size"),
+           "num_key_value_heads": raw.get("num_key_value_heads") or raw.get("num_attention_heads")}
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "embedding_size"):
+        if raw.get(key) is None:
+            raise ConfigError(f"{where}: missing key {'vocab_size' if key == 'embedding_size' else key!r}")
+    llm = _read(LLMConfig, MOLMO_KEYS, raw, where)
+    vocab = llm.vocab
     if raw.get("vocab_size", vocab) > vocab:
         raise ConfigError(f"{where}: vocab_size {raw['vocab_size']} exceeds embedding_size {vocab}")
     if llm.hidden % llm.heads or llm.heads % llm.kv_heads or llm.intermediate % 2:
@@ -183,7 +199,7 @@ def _from_dict(raw: dict, where: str) -> MolmoConfig:
     unknown = sorted(set(vb) - set(_VISION_KEYS))
     if unknown:
         raise ConfigError(f"{where}: vision_backbone has unsupported keys {unknown}")
-    vision = VisionConfig(**{_VISION_KEYS[k]: type(getattr(VisionConfig, _VISION_KEYS[k]))(v) for k, v in vb.items()})
+    vision = _read(VisionConfig, {f: k for k, f in _VISION_KEYS.items()}, vb, f"{where}: vision_backbone")
     if vision.heads % vision.kv_heads:
         raise ConfigError(f"{where}: image_num_heads must be a multiple of image_num_key_value_heads")
     if round((vision.num_pos - 1) ** 0.5) ** 2 != vision.num_pos - 1:

@@ -5,7 +5,9 @@ near one tensor. Inputs are read with our safetensors reader; pickled `.bin` wei
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -13,12 +15,13 @@ import torch
 
 from .checkpoint import (DTYPES, INDEX_FILE, CheckpointError, iter_chunks, read_tensor, snapshot_tensors,
                          write_snapshot)
-from .config import LLMConfig, MolmoConfig, VisionConfig
+from .config import MolmoConfig
 from .loading import check_tensors, expected_tensors
+from .model import Molmo
+from .names import CLIP, QWEN2, our_name, rename
 
 SHARD_BYTES = 5 << 30
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
-VIT = "model.vision_backbone.image_vit."
 LLM = "model.transformer."
 
 
@@ -47,7 +50,7 @@ def _molmo_snapshot(model_dir: Path) -> tuple[MolmoConfig, dict]:
     """Config and tensor headers of a Molmo snapshot, checked: one error for the wrong layout."""
     config = MolmoConfig.from_hf(model_dir)
     entries = _tensors(model_dir, "a Molmo snapshot")
-    report = check_tensors(config, entries)
+    report = check_tensors(expected_tensors(Molmo.meta(config)), entries)
     if not report.ok:
         raise CheckpointError(f"{model_dir}: not a Molmo snapshot ({report.first_problem()})")
     return config, entries
@@ -68,16 +71,50 @@ def _copy_side_files(src: Path, out: Path) -> None:
             shutil.copy2(f, out / f.name)
 
 
+def check_output(out: Path, inputs: list[Path], overwrite: bool = False) -> Path:
+    """Refuse, before anything is written, an output folder that is, contains or lies inside an
+    input, or that exists with files in it (unless `overwrite`)."""
+    target = Path(out).resolve()
+    for i in map(lambda x: Path(x).resolve(), inputs):
+        if target == i or i in target.parents or target in i.parents:
+            raise CheckpointError(f"{out}: the output is, contains or lies inside the input {i}; write elsewhere")
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a folder")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out}: already exists and is not empty (--overwrite replaces it whole)")
+    return target
+
+
+@contextlib.contextmanager
+def staged(out: Path):
+    """A temporary folder beside `out`, renamed to `out` (replacing it whole) only when the block
+    completes: an interrupted conversion leaves `out` absent or as it was, never half-written."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+
+
 def to_dtype(model_dir: Path, out: Path, dtype: torch.dtype, shard_bytes: int = SHARD_BYTES,
-             progress: bool = True) -> list[Path]:
+             progress: bool = True, overwrite: bool = False) -> list[Path]:
     """Rewrite a Molmo snapshot in `dtype`, sharded with an index; other files copied."""
     model_dir, out = Path(model_dir), Path(out)
     _, entries = _molmo_snapshot(model_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _copy_side_files(model_dir, out)
+    check_output(out, [model_dir], overwrite)
     cfg = _read_json(model_dir / "config.json")
     cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
     bar = _progress(len(entries), f"to {cfg['torch_dtype']}", progress)
 
     def produce(name):
@@ -85,32 +122,29 @@ def to_dtype(model_dir: Path, out: Path, dtype: torch.dtype, shard_bytes: int = 
         return (chunk for _, chunk in iter_chunks(entries[name]))
 
     specs = [(n, e.shape, dtype) for n, e in entries.items()]
-    try:
-        return write_snapshot(out, specs, produce, max_shard_bytes=shard_bytes)
-    finally:
-        bar.close()
+    with staged(out) as tmp:
+        _copy_side_files(model_dir, tmp)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        try:
+            files = write_snapshot(tmp, specs, produce, max_shard_bytes=shard_bytes)
+        finally:
+            bar.close()
+    return [out / f.name for f in files]
 
 
 # ---- transformers layouts ---------------------------------------------------------------------
 
-def clip_names(layers: int) -> dict[str, str]:
-    """Published Molmo ViT name -> CLIP (transformers) name, for the first `layers` blocks."""
-    m = {
-        VIT + "class_embedding": "vision_model.embeddings.class_embedding",
-        VIT + "positional_embedding": "vision_model.embeddings.position_embedding.weight",
-        VIT + "patch_embedding.weight": "vision_model.embeddings.patch_embedding.weight",  # conv <-> linear
-    }
-    for p in ("weight", "bias"):
-        m[VIT + f"pre_ln.{p}"] = f"vision_model.pre_layrnorm.{p}"
-        for i in range(layers):
-            ours, theirs = VIT + f"transformer.resblocks.{i}.", f"vision_model.encoder.layers.{i}."
-            for a, b in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "out_proj")):
-                m[ours + f"attention.{a}.{p}"] = theirs + f"self_attn.{b}.{p}"
-            m[ours + f"feed_forward.w1.{p}"] = theirs + f"mlp.fc1.{p}"
-            m[ours + f"feed_forward.w2.{p}"] = theirs + f"mlp.fc2.{p}"
-            m[ours + f"attention_norm.{p}"] = theirs + f"layer_norm1.{p}"
-            m[ours + f"ffn_norm.{p}"] = theirs + f"layer_norm2.{p}"
-    return m
+def hf_sources(published: str) -> tuple[str, tuple[str, ...]] | None:
+    """Where a published Molmo tensor comes from in transformers' layouts: ("clip" or "qwen2", the
+    tensors it stacks in row order), or None for what neither has (connector, new_embedding)."""
+    ours = our_name(published)
+    for kind, table in (("clip", CLIP), ("qwen2", QWEN2)):
+        try:
+            src = rename(ours, table)
+        except KeyError:
+            continue
+        return kind, src if isinstance(src, tuple) else (src,)
+    return None
 
 
 def conv_to_linear(w: torch.Tensor) -> torch.Tensor:
@@ -122,95 +156,55 @@ def linear_to_conv(w: torch.Tensor, patch: int) -> torch.Tensor:
     return w.reshape(w.shape[0], patch, patch, 3).permute(0, 3, 1, 2).contiguous()
 
 
-def qwen2_parts(i: int) -> dict[str, list[str]]:
-    """Published Molmo LLM block tensor -> the Qwen2 tensors it stacks, in row order."""
-    q = f"model.layers.{i}."
-    b = LLM + f"blocks.{i}."
-    return {
-        b + "att_proj.weight": [q + f"self_attn.{x}_proj.weight" for x in "qkv"],
-        b + "att_proj.bias": [q + f"self_attn.{x}_proj.bias" for x in "qkv"],
-        b + "attn_out.weight": [q + "self_attn.o_proj.weight"],
-        b + "ff_proj.weight": [q + "mlp.up_proj.weight", q + "mlp.gate_proj.weight"],  # [value | gate]
-        b + "ff_out.weight": [q + "mlp.down_proj.weight"],
-        b + "attn_norm.weight": [q + "input_layernorm.weight"],
-        b + "ff_norm.weight": [q + "post_attention_layernorm.weight"],
-    }
-
-
-def qwen2_names(layers: int) -> dict[str, list[str]]:
-    m = {LLM + "wte.embedding": ["model.embed_tokens.weight"], LLM + "ln_f.weight": ["model.norm.weight"],
-         LLM + "ff_out.weight": ["lm_head.weight"]}
-    for i in range(layers):
-        m.update(qwen2_parts(i))
-    return m
-
-
-def config_from_hf(clip_cfg: dict, qwen_cfg: dict) -> MolmoConfig:
-    clip_cfg = clip_cfg.get("vision_config", clip_cfg)  # full CLIPModel configs nest it
-    c = clip_cfg
-    width, heads = c.get("hidden_size", 1024), c.get("num_attention_heads", 16)
-    vision = VisionConfig(
-        width=width, heads=heads, kv_heads=heads, head_dim=width // heads,
-        layers=c.get("num_hidden_layers", 24) - 1, mlp_dim=c.get("intermediate_size", 4096),
-        num_pos=(c.get("image_size", 336) // c.get("patch_size", 14)) ** 2 + 1,
-        norm_eps=c.get("layer_norm_eps", 1e-5))
-    if c.get("image_size", 336) != 336 or c.get("patch_size", 14) != 14:
-        raise CheckpointError("the CLIP model must take 336 px images in 14 px patches")
-    if c.get("hidden_act", "quick_gelu") != "quick_gelu":
-        raise CheckpointError(f"CLIP hidden_act {c.get('hidden_act')!r}: Molmo uses quick_gelu")
-    q = qwen_cfg
-    llm = LLMConfig(
-        hidden=q["hidden_size"], layers=q["num_hidden_layers"], heads=q["num_attention_heads"],
-        kv_heads=q.get("num_key_value_heads", q["num_attention_heads"]), intermediate=2 * q["intermediate_size"],
-        vocab=q["vocab_size"],
-        rope_theta=q.get("rope_theta") or (q.get("rope_parameters") or {}).get("rope_theta", 1e6), norm_eps=q.get("rms_norm_eps", 1e-6),
-        max_position_embeddings=min(q.get("max_position_embeddings", 4096), 4096))
-    return MolmoConfig(vision=vision, llm=llm)
-
-
-def from_hf(clip_dir: Path, qwen_dir: Path, out: Path, seed: int = 0, progress: bool = True) -> MolmoConfig:
+def from_hf(clip_dir: Path, qwen_dir: Path, out: Path, seed: int = 0, progress: bool = True,
+            overwrite: bool = False) -> MolmoConfig:
     """A transformers CLIP ViT-L/14-336 and Qwen2 -> a Molmo snapshot to train from (fresh connector)."""
     clip_dir, qwen_dir, out = Path(clip_dir), Path(qwen_dir), Path(out)
-    config = config_from_hf(_read_json(clip_dir / "config.json"), _read_json(qwen_dir / "config.json"))
+    check_output(out, [clip_dir, qwen_dir], overwrite)
+    config = MolmoConfig.from_clip_qwen2(_read_json(clip_dir / "config.json"), _read_json(qwen_dir / "config.json"))
     clip, qwen = _tensors(clip_dir, "CLIP"), _tensors(qwen_dir, "Qwen2")
     # Published CLIP snapshots say "vision_model.embeddings..."; transformers 5 saves "embeddings...".
     strip = "" if "vision_model.embeddings.class_embedding" in clip else "vision_model."
-    vit_map = {k: v.removeprefix(strip) for k, v in clip_names(config.vision.layers).items()}
-    llm_map = qwen2_names(config.llm.layers)
-    for name, srcs in [(k, [v]) for k, v in vit_map.items()] + list(llm_map.items()):
-        have = clip if name.startswith(VIT) else qwen
+    shapes = expected_tensors(Molmo.meta(config))
+    sources = {}  # published name -> (file entries, source names)
+    for name in shapes:
+        found = hf_sources(name)
+        if found is None:
+            continue
+        have, folder = (clip, clip_dir) if found[0] == "clip" else (qwen, qwen_dir)
+        srcs = [s.removeprefix(strip) if have is clip else s for s in found[1]]
         for s in srcs:
             if s not in have:
-                raise CheckpointError(f"{clip_dir if have is clip else qwen_dir}: missing tensor {s}")
+                raise CheckpointError(f"{folder}: missing tensor {s}")
+        sources[name] = (have, srcs)
     gen = torch.Generator().manual_seed(seed)
-    shapes = expected_tensors(config)
 
     def produce(name):
         bar.update(1)
-        if name in vit_map:
-            t = read_tensor(clip[vit_map[name]], torch.float32)
+        if name in sources:
+            have, srcs = sources[name]
+            t = torch.cat([read_tensor(have[s], torch.float32) for s in srcs])
             return conv_to_linear(t) if name.endswith("patch_embedding.weight") else t
-        if name in llm_map:
-            return torch.cat([read_tensor(qwen[s], torch.float32) for s in llm_map[name]])
         if name.endswith("pad_embed") or name.endswith(".bias"):
             return torch.zeros(shapes[name])
         return torch.randn(shapes[name], generator=gen) * 0.02  # new_embedding, pooling, projector
 
-    out.mkdir(parents=True, exist_ok=True)
     bar = _progress(len(shapes), "from-hf", progress)
-    try:
-        write_snapshot(out, [(n, s, torch.float32) for n, s in shapes.items()], produce, SHARD_BYTES)
-    finally:
-        bar.close()
-    (out / "config.json").write_text(json.dumps(config.to_hf(), indent=2))
-    _copy_tokenizer(qwen_dir, out)
+    with staged(out) as tmp:
+        try:
+            write_snapshot(tmp, [(n, s, torch.float32) for n, s in shapes.items()], produce, SHARD_BYTES)
+        finally:
+            bar.close()
+        (tmp / "config.json").write_text(json.dumps(config.to_hf(), indent=2))
+        _copy_tokenizer(qwen_dir, tmp)
     return config
 
 
-def to_hf(model_dir: Path, out: Path, progress: bool = True) -> tuple[Path, Path]:
+def to_hf(model_dir: Path, out: Path, progress: bool = True, overwrite: bool = False) -> tuple[Path, Path]:
     """A Molmo snapshot -> `out/qwen2` (Qwen2ForCausalLM) and `out/clip` (CLIPVisionModel)."""
     model_dir, out = Path(model_dir), Path(out)
     config, entries = _molmo_snapshot(model_dir)
+    check_output(out, [model_dir], overwrite)
     v, c = config.vision, config.llm
     if v.kv_heads != v.heads:
         raise CheckpointError(f"{model_dir}: a ViT with grouped key/value heads has no CLIP equivalent")
@@ -219,10 +213,15 @@ def to_hf(model_dir: Path, out: Path, progress: bool = True) -> tuple[Path, Path
 
     # Qwen2: each fused Molmo tensor splits back into its parts, in row order.
     qkv_rows = [c.heads * c.head_dim, c.kv_heads * c.head_dim, c.kv_heads * c.head_dim]
-    parts = {}  # qwen2 name -> (molmo name, rows before it, rows)
-    for ours, theirs in qwen2_names(c.layers).items():
-        full = entries[ours].shape
-        rows = qkv_rows if ours.endswith(("att_proj.weight", "att_proj.bias")) else [full[0] // len(theirs)] * len(theirs)
+    parts, vit = {}, {}  # qwen2 name -> (molmo name, rows before it, rows); clip name -> molmo name
+    for ours in entries:
+        found = hf_sources(ours)
+        if found is None or found[0] == "clip":
+            if found is not None:
+                vit[found[1][0]] = ours
+            continue
+        theirs, full = found[1], entries[ours].shape
+        rows = qkv_rows if len(theirs) == 3 else [full[0] // len(theirs)] * len(theirs)
         for k, name in enumerate(theirs):
             parts[name] = (ours, sum(rows[:k]), rows[k])
 
@@ -234,20 +233,7 @@ def to_hf(model_dir: Path, out: Path, progress: bool = True) -> tuple[Path, Path
         return read_tensor(replace(e, shape=(rows, *e.shape[1:]), offset=e.offset + start * row_bytes,
                                    nbytes=rows * row_bytes))
 
-    qdir = out / "qwen2"
-    write_snapshot(qdir, [(n, (rows, *entries[o].shape[1:]), dtype) for n, (o, _, rows) in parts.items()], qwen2,
-                   SHARD_BYTES)
-    (qdir / "config.json").write_text(json.dumps({
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
-        "hidden_size": c.hidden, "intermediate_size": c.mlp_hidden, "num_hidden_layers": c.layers,
-        "num_attention_heads": c.heads, "num_key_value_heads": c.kv_heads, "vocab_size": c.vocab,
-        "rope_theta": c.rope_theta, "rms_norm_eps": c.norm_eps, "max_position_embeddings": c.max_position_embeddings,
-        "tie_word_embeddings": False, "torch_dtype": str(dtype).removeprefix("torch."),
-        "bos_token_id": 151643, "eos_token_id": 151643}, indent=2))
-    _copy_tokenizer(model_dir, qdir)
-
     # CLIP: the kept layers; post_layernorm (unused by Molmo) written as the identity.
-    vit = {theirs: ours for ours, theirs in clip_names(v.layers).items()}
     post = [f"vision_model.post_layernorm.{p}" for p in ("weight", "bias")]
 
     def clip(name):
@@ -258,13 +244,15 @@ def to_hf(model_dir: Path, out: Path, progress: bool = True) -> tuple[Path, Path
         return linear_to_conv(t, v.patch_size) if name.endswith("patch_embedding.weight") else t
 
     conv = (v.width, 3, v.patch_size, v.patch_size)
-    specs = [(n, conv if n.endswith("patch_embedding.weight") else entries[o].shape, dtype) for n, o in vit.items()]
-    cdir = out / "clip"
-    write_snapshot(cdir, specs + [(n, (v.width,), dtype) for n in post], clip, SHARD_BYTES)
-    (cdir / "config.json").write_text(json.dumps({
-        "architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model", "hidden_act": "quick_gelu",
-        "hidden_size": v.width, "intermediate_size": v.mlp_dim, "num_attention_heads": v.heads,
-        "num_hidden_layers": v.layers, "image_size": v.image_size, "patch_size": v.patch_size,
-        "layer_norm_eps": v.norm_eps, "num_channels": 3, "torch_dtype": str(dtype).removeprefix("torch.")}, indent=2))
+    clip_specs = [(n, conv if n.endswith("patch_embedding.weight") else entries[o].shape, dtype) for n, o in vit.items()]
+    clip_specs += [(n, (v.width,), dtype) for n in post]
+    qwen2_specs = [(n, (rows, *entries[o].shape[1:]), dtype) for n, (o, _, rows) in parts.items()]
+    dtype_name = str(dtype).removeprefix("torch.")
+    with staged(out) as tmp:
+        write_snapshot(tmp / "qwen2", qwen2_specs, qwen2, SHARD_BYTES)
+        (tmp / "qwen2" / "config.json").write_text(json.dumps(config.to_qwen2(dtype_name), indent=2))
+        _copy_tokenizer(model_dir, tmp / "qwen2")
+        write_snapshot(tmp / "clip", clip_specs, clip, SHARD_BYTES)
+        (tmp / "clip" / "config.json").write_text(json.dumps(config.to_clip(dtype_name), indent=2))
     bar.close()
-    return qdir, cdir
+    return out / "qwen2", out / "clip"

@@ -1,17 +1,31 @@
-"""Generation: one prefill, then decoding against a static KV cache; greedy or sampled; streaming."""
+"""Generation: one prefill, then decoding against a static KV cache; greedy or sampled; streaming.
+
+The core, for any model with Molmo's parts (`llm`, `embed`, `precision`, `mode`):
+- `prefill`: the prompt through the decoder, writing the cache; the logits of each row's last token.
+- `decode_one`: one token per row against the cache; the unit that is compiled or captured as a CUDA graph.
+- `token_steps`: the loop, yielding each step's tokens.
+Around it: `Sampler`, stop strings and streaming (`_Rows`), timings (`generate`).
+
+One model generates one call at a time (its KV cache lives on its modules): concurrent calls on
+the same model from several threads wait for each other.
+"""
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import torch
 
-from .model import Molmo, check_inputs, positions_and_mask, prompt_mask
+from .llm import positions_and_mask, prompt_mask
 
 EOS_ID = 151643  # <|endoftext|> in the Qwen2 vocabulary
+CACHE_STEP = 256  # with compile: cache sizes in steps of this many columns, so similar prompts share a graph
 
 
 @dataclass(frozen=True)
@@ -48,6 +62,8 @@ class GenerationOutput:
     timings: dict = field(default_factory=dict)
 
 
+# ---- sampling ---------------------------------------------------------------------------------
+
 def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
     """The distribution sampled from: softmax(logits / T) restricted to the top k, then to the
     smallest set of most likely tokens whose mass reaches top_p, renormalised. logits [B, V] fp32."""
@@ -63,6 +79,29 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int | None, 
     return logits.softmax(-1)
 
 
+class Sampler:
+    """logits [B, V] fp32 -> tokens [B]: argmax at temperature 0, else a draw from `sampling_probs`
+    with a generator of its own (seeded by cfg.seed, else by a draw from torch's global generator,
+    which it never reseeds: `torch.manual_seed` before a call makes unseeded sampling repeat)."""
+
+    def __init__(self, cfg: GenerationConfig, device: torch.device):
+        self.cfg = cfg
+        self.gen = None
+        if cfg.temperature > 0:
+            seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, ()))
+            self.gen = torch.Generator(device).manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        if self.gen is None:
+            return logits.argmax(-1)
+        probs = sampling_probs(logits, c.temperature, c.top_k, c.top_p)
+        probs = torch.where(probs.isfinite().all(-1, keepdim=True), probs, 1.0)  # NaN rows: caught by the caller
+        return torch.multinomial(probs, 1, generator=self.gen)[:, 0]
+
+
+# ---- the core ---------------------------------------------------------------------------------
+
 def check_context(config, prompt_tokens: int, max_new_tokens: int) -> None:
     """One clear error, before any compute, for a prompt plus new tokens past the context."""
     limit = config.llm.max_position_embeddings
@@ -71,83 +110,22 @@ def check_context(config, prompt_tokens: int, max_new_tokens: int) -> None:
                          f"the context of {limit} tokens")
 
 
-def _inputs(model: Molmo, batch: dict) -> dict:
-    keys = ("input_ids", "images", "image_masks", "image_input_idx")
-    out = {k: batch[k] for k in keys if batch.get(k) is not None}
-    if out["input_ids"].dim() == 1:  # one unbatched example straight from the processor
-        out = {k: v.unsqueeze(0) for k, v in out.items()}
-    out = {k: v.to(model.device) for k, v in out.items()}
-    check_inputs(model.config, out["input_ids"], out.get("images"), out.get("image_masks"), out.get("image_input_idx"))
-    return out
-
-
-@torch.no_grad()  # not inference_mode: under it autocast would re-cast every weight at every step
-def token_steps(model: Molmo, batch: dict, cfg: GenerationConfig) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row [B] (on the model's device), step after step, up to
-    cfg.max_new_tokens. The KV cache lives while the iterator does."""
-    inp = _inputs(model, batch)
+def prefill(model, inp: dict, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The prompt inp["input_ids"] [B, L] (with its images) through the decoder, filling cache
+    columns 0..L-1 -> fp32 logits [B, V] at each row's last real token."""
     ids = inp["input_ids"]
     B, L = ids.shape
-    n_real = (ids != -1).sum(1)
-    check_context(model.config, int(n_real.max()), cfg.max_new_tokens)
-    extra = cfg.max_new_tokens
-    if cfg.compile:  # cache sizes in steps of 256 columns, so similar prompts reuse one compiled step
-        extra = -(-(L + extra) // 256) * 256 - L
-    S = L + extra
-    dev = ids.device
-    # One mask for the whole run, over the cache; each step takes its row of it.
-    positions, mask = positions_and_mask(ids, extra=extra)  # mask [B, 1, S, S]
-    gen = None
-    if cfg.temperature > 0:
-        gen = torch.Generator(dev)
-        gen.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
-
-    def pick(logits):
-        if cfg.temperature == 0:
-            return logits.argmax(-1)
-        probs = sampling_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
-        return torch.multinomial(probs, 1, generator=gen)[:, 0]
-
-    cache_dtype = torch.float32 if model.mode == "fp32" else torch.bfloat16
     llm = model.llm
-    llm.setup_cache(B, S, cache_dtype, dev)
-    # Autocast keeps its bf16 copies of the weights only until the outermost autocast region ends;
-    # holding the nesting level up keeps them for the whole run (autocast itself is entered per step).
-    torch.autocast_increment_nesting()
-    try:
-        with model.precision():
-            x = model.embed(ids, inp.get("images"), inp.get("image_masks"), inp.get("image_input_idx"))
-            h = llm(x, positions, prompt_mask(ids, mask), torch.arange(L, device=dev))
-            last = h[torch.arange(B, device=dev), n_real - 1]  # each row's last real token
-            tok = pick(llm.logits(last[:, None])[:, 0].float())
-        pos = n_real[:, None].clone()  # [B, 1]: new tokens continue each row's positions
-        slot = torch.tensor([L], device=dev)  # the cache column the next token is written to
-
-        next_logits = _compiled_next_logits() if cfg.compile else _next_logits
-
-        def decode(tok):
-            return pick(next_logits(model, tok, pos, mask, slot))
-
-        step = decode
-        graph = dev.type == "cuda" and cfg.temperature == 0 and cfg.max_new_tokens > 2
-        for n in range(cfg.max_new_tokens):
-            yield tok
-            if n == cfg.max_new_tokens - 1:
-                break
-            if n == 0 and graph:
-                step = _cuda_graph(decode, tok) or decode  # after the first token: not in its latency
-            tok = step(tok)
-            pos += 1
-            slot += 1
-    finally:
-        llm.clear_cache()
-        if torch.autocast_decrement_nesting() == 0:
-            torch.clear_autocast_cache()
+    with model.precision():
+        x = model.embed(ids, inp.get("images"), inp.get("image_masks"), inp.get("image_input_idx"))
+        h = llm(x, positions, prompt_mask(ids, mask), torch.arange(L, device=ids.device))  # [B, L, hidden]
+        last = h[torch.arange(B, device=ids.device), (ids != -1).sum(1) - 1]  # [B, hidden]
+        return llm.logits(last[:, None])[:, 0].float()
 
 
-def _next_logits(model: Molmo, tok, pos, mask, slot) -> torch.Tensor:
-    """One decode step: tokens [B] at positions pos [B, 1] written to cache column slot [1] ->
-    fp32 logits [B, V]. Fixed shapes and tensor indices only: compilable, capturable as a CUDA graph."""
+def decode_one(model, tok: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """Tokens [B] at positions pos [B, 1], written to cache column slot [1] -> fp32 logits [B, V].
+    Fixed shapes and tensor indices only: compilable, capturable as a CUDA graph."""
     llm = model.llm
     with model.precision():
         h = llm(llm.embed(tok[:, None]), pos, mask.index_select(2, slot), slot)
@@ -155,11 +133,101 @@ def _next_logits(model: Molmo, tok, pos, mask, slot) -> torch.Tensor:
 
 
 @functools.cache
-def _compiled_next_logits():
-    return torch.compile(_next_logits, fullgraph=True)
+def _compiled_decode_one():
+    return torch.compile(decode_one, fullgraph=True)
 
 
-def _cuda_graph(decode, tok):
+@torch.no_grad()  # not inference_mode: under it autocast would re-cast every weight at every step
+def token_steps(model, batch: dict, cfg: GenerationConfig) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row [B] (on the model's device), step after step, up to
+    cfg.max_new_tokens. The KV cache (and the model) is held while the iterator lives."""
+    inp = _inputs(model, batch)
+    ids = inp["input_ids"]
+    B, L = ids.shape
+    n_real = (ids != -1).sum(1)
+    check_context(model.config, int(n_real.max()), cfg.max_new_tokens)
+    S = L + cfg.max_new_tokens
+    if cfg.compile:
+        S = -(-S // CACHE_STEP) * CACHE_STEP
+    positions, mask = positions_and_mask(ids, extra=S - L)  # one mask [B, 1, S, S]; each step takes a row
+    sample = Sampler(cfg, ids.device)
+    finite = torch.ones(cfg.max_new_tokens, dtype=torch.bool, device=ids.device)  # step n's logits were finite
+    with _lock(model), _kv_cache(model, B, S), _autocast_weights_kept():
+        logits = prefill(model, inp, positions, mask)
+        finite[0] = logits.isfinite().all()
+        tok = sample(logits)
+        pos = n_real[:, None].clone()  # [B, 1]: new tokens continue each row's positions
+        slot = torch.tensor([L], device=ids.device)  # the cache column the next token is written to
+        one = _compiled_decode_one() if cfg.compile else decode_one
+
+        def step(tok):
+            logits = one(model, tok, pos, mask, slot)
+            finite.index_copy_(0, slot - L + 1, logits.isfinite().all().view(1))
+            return sample(logits)
+
+        graph = ids.device.type == "cuda" and cfg.temperature == 0 and cfg.max_new_tokens > 2
+        for n in range(cfg.max_new_tokens):
+            if n % 8 == 0 or n == cfg.max_new_tokens - 1:  # a host sync every few steps, not every step
+                _check_finite(finite, n)
+            yield tok
+            if n == cfg.max_new_tokens - 1:
+                break
+            if n == 0 and graph:
+                step = _cuda_graph(step, tok) or step  # after the first token: not in its latency
+            tok = step(tok)
+            pos += 1
+            slot += 1
+
+
+def _check_finite(finite: torch.Tensor, n: int) -> None:
+    if not bool(finite[:n + 1].all()):
+        k = int((~finite[:n + 1]).nonzero()[0])
+        raise ValueError(f"non-finite logits (NaN or Inf) at new token {k + 1}: the weights or the "
+                                 "inputs hold non-finite values, or the precision overflowed")
+
+
+def _inputs(model, batch: dict) -> dict:
+    keys = ("input_ids", "images", "image_masks", "image_input_idx")
+    out = {k: batch[k] for k in keys if batch.get(k) is not None}
+    if out["input_ids"].dim() == 1:  # one unbatched example straight from the processor
+        out = {k: v.unsqueeze(0) for k, v in out.items()}
+    out = {k: v.to(model.device) for k, v in out.items()}
+    model.check_inputs(out["input_ids"], out.get("images"), out.get("image_masks"), out.get("image_input_idx"))
+    return out
+
+
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock(model) -> threading.Lock:
+    """The model's generation lock: its KV cache serves one call at a time."""
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(model, threading.Lock())
+
+
+@contextlib.contextmanager
+def _kv_cache(model, batch: int, columns: int):
+    model.llm.setup_cache(batch, columns, torch.float32 if model.mode == "fp32" else torch.bfloat16, model.device)
+    try:
+        yield
+    finally:
+        model.llm.clear_cache()
+
+
+@contextlib.contextmanager
+def _autocast_weights_kept():
+    """Autocast keeps its bf16 copies of the weights only until the outermost autocast region ends;
+    holding the nesting level up keeps them for the whole run (autocast is entered per step)."""
+    torch.autocast_increment_nesting()
+    try:
+        yield
+    finally:
+        if torch.autocast_decrement_nesting() == 0:
+            torch.clear_autocast_cache()
+
+
+def _cuda_graph(step, tok):
     """Capture one decode step as a CUDA graph: a step becomes a single launch instead of hundreds.
     The warm-up writes the next cache column, which the first real step then overwrites."""
     static_tok = tok.clone()
@@ -167,11 +235,11 @@ def _cuda_graph(decode, tok):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            decode(static_tok)
+            step(static_tok)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_next = decode(static_tok)
+            static_next = step(static_tok)
     except RuntimeError as e:  # an op that cannot be captured: decode eagerly
         warnings.warn(f"decoding without a CUDA graph, capture failed: {str(e).splitlines()[0]}")
         return None
@@ -183,7 +251,44 @@ def _cuda_graph(decode, tok):
     return replay
 
 
-def generate(model: Molmo, batch: dict, config: GenerationConfig | None = None, tokenizer=None,
+# ---- stopping, streaming, timing --------------------------------------------------------------
+
+class _Rows:
+    """Per-row bookkeeping on the host: EOS, stop strings (which need the text), streamed deltas."""
+
+    def __init__(self, batch: int, cfg: GenerationConfig, eos: int, tokenizer, streaming: bool):
+        self.cfg, self.eos, self.tokenizer, self.streaming = cfg, eos, tokenizer, streaming
+        self.ids: list[list[int]] = [[] for _ in range(batch)]
+        self.stops: list[int | None] = [None] * batch  # step at which a stop string completed
+        self.sent = [0] * batch
+
+    def add(self, n: int, tok: torch.Tensor, finished: torch.Tensor) -> Iterator[tuple[int, str]]:
+        """Take step n's tokens; mark rows a stop string ended in `finished`; yield (row, new text)."""
+        cfg, eos = self.cfg, self.eos
+        for r, t in enumerate(tok.tolist()):
+            row = self.ids[r]
+            row.append(t)
+            if self.stops[r] is not None or (cfg.stop_on_eos and eos in row[:-1]):
+                continue
+            text, hit = _answer(self.tokenizer, row, eos, cfg.stop_strings)
+            if hit:
+                self.stops[r] = n
+                finished[r] = True
+            ended = hit or (cfg.stop_on_eos and t == eos)
+            shown = len(text) if ended else _safe_len(text, cfg.stop_strings)
+            if self.streaming and shown > self.sent[r]:
+                yield r, text[self.sent[r]:shown]
+                self.sent[r] = shown
+
+    def lengths(self, tokens: list[list[int]]) -> list[int]:
+        out = []
+        for r, row in enumerate(tokens):
+            k = row.index(self.eos) + 1 if self.cfg.stop_on_eos and self.eos in row else len(row)
+            out.append(k if self.stops[r] is None else min(k, self.stops[r] + 1))
+        return out
+
+
+def generate(model, batch: dict, config: GenerationConfig | None = None, tokenizer=None,
              on_text: Callable[[int, str], None] | None = None, **kwargs) -> GenerationOutput:
     """Continue every row of a processed batch (one example, or `MolmoProcessor.collate` of several).
 
@@ -199,7 +304,7 @@ def generate(model: Molmo, batch: dict, config: GenerationConfig | None = None, 
         on_text(row, delta)
 
 
-def stream(model: Molmo, batch: dict, tokenizer, config: GenerationConfig | None = None, **kwargs) -> Iterator[str]:
+def stream(model, batch: dict, tokenizer, config: GenerationConfig | None = None, **kwargs) -> Iterator[str]:
     """Yield the answer of one example piece by piece, as it is generated."""
     for row, delta in _run(model, batch, replace(config or GenerationConfig(), **kwargs), tokenizer, True):
         if row == 0:
@@ -207,14 +312,14 @@ def stream(model: Molmo, batch: dict, tokenizer, config: GenerationConfig | None
 
 
 def _run(model, batch, cfg: GenerationConfig, tokenizer, streaming: bool):
-    """Drive `token_steps`: EOS and stop-string bookkeeping; yields (row, text delta), returns the output."""
+    """Drive `token_steps`: stop rows at EOS or a stop string, stream; yields (row, text delta),
+    returns the GenerationOutput."""
     eos = cfg.eos_token_id if cfg.eos_token_id is not None else getattr(tokenizer, "eos_id", EOS_ID)
     if (cfg.stop_strings or streaming) and tokenizer is None:
         raise ValueError("stop strings and streaming need a tokenizer to read the text")
     on_host = bool(cfg.stop_strings) or streaming  # tokens must come to the host every step
     steps = token_steps(model, batch, cfg)
     out: list[torch.Tensor] = []
-    host: list[list[int]] = []  # with on_host: each row's tokens so far
     mark = None  # (step, time) of the first host sync after the first step: start of the steady rate
     t0 = time.perf_counter()
     for n, tok in enumerate(steps):
@@ -222,28 +327,13 @@ def _run(model, batch, cfg: GenerationConfig, tokenizer, streaming: bool):
             _sync(tok)  # the first token exists (on CUDA, launching is not computing)
             t_first = time.perf_counter()
             finished = torch.zeros_like(tok, dtype=torch.bool)
-            stops: list[int | None] = [None] * tok.shape[0]  # step at which a stop string completed
-            sent = [0] * tok.shape[0]
-            host = [[] for _ in range(tok.shape[0])]
+            rows = _Rows(tok.shape[0], cfg, eos, tokenizer, streaming)
         tok = tok.masked_fill(finished, eos)
         out.append(tok)
         if cfg.stop_on_eos:
             finished |= tok == eos
         if on_host:
-            for row, t in zip(host, tok.tolist()):
-                row.append(t)
-            for r, row in enumerate(host):
-                if stops[r] is not None or (cfg.stop_on_eos and eos in row[:-1]):
-                    continue
-                text, hit = _answer(tokenizer, row, eos, cfg.stop_strings)
-                ended = hit or (cfg.stop_on_eos and row[-1] == eos)
-                if hit:
-                    stops[r] = n
-                    finished[r] = True
-                safe = len(text) if ended else _safe_len(text, cfg.stop_strings)
-                if streaming and safe > sent[r]:
-                    yield r, text[sent[r]:safe]
-                    sent[r] = safe
+            yield from rows.add(n, tok, finished)
         if on_host or n % 8 == 7:
             done = bool(finished.all())  # a host sync: the steps so far have run
             if mark is None and n > 0:
@@ -254,19 +344,20 @@ def _run(model, batch, cfg: GenerationConfig, tokenizer, streaming: bool):
     _sync(tok)
     end = time.perf_counter()
     tokens = torch.stack(out, 1)
-    lengths = []
-    for r, row in enumerate(tokens.tolist()):
-        k = row.index(eos) + 1 if cfg.stop_on_eos and eos in row else len(row)
-        lengths.append(k if stops[r] is None else min(k, stops[r] + 1))
+    as_lists = tokens.tolist()
+    lengths = rows.lengths(as_lists)
     texts = None
     if tokenizer is not None:
-        texts = [_answer(tokenizer, row[:k], eos, cfg.stop_strings)[0] for row, k in zip(tokens.tolist(), lengths)]
-    n_new = tokens.shape[1]
+        texts = [_answer(tokenizer, row[:k], eos, cfg.stop_strings)[0] for row, k in zip(as_lists, lengths)]
+    return GenerationOutput(tokens, lengths, texts, _timings(t0, t_first, end, mark, tokens.shape[1]))
+
+
+def _timings(t0: float, t_first: float, end: float, mark: tuple[int, float] | None, n_new: int) -> dict:
     timings = {"prefill_s": t_first - t0, "decode_s": end - t_first,
                "tokens_per_s": (n_new - 1) / (end - t_first) if n_new > 1 else 0.0}
     if mark is not None and mark[0] < n_new - 1:  # past the first step's set-up (graph capture)
         timings["steady_tokens_per_s"] = (n_new - 1 - mark[0]) / (end - mark[1])
-    return GenerationOutput(tokens, lengths, texts, timings)
+    return timings
 
 
 def _sync(t: torch.Tensor) -> None:
@@ -292,16 +383,15 @@ def _safe_len(text: str, stop_strings) -> int:
     return n
 
 
-def generate_from_batch(model: Molmo, batch: dict, generation_config=None, tokenizer=None, **kwargs) -> torch.Tensor:
+def generate_from_batch(model, batch: dict, generation_config=None, tokenizer=None, **kwargs) -> torch.Tensor:
     """The reference's entry point: prompt tokens followed by the new ones, [B, L + n]."""
     cfg = generation_config
     if cfg is not None and not isinstance(cfg, GenerationConfig):  # e.g. transformers' GenerationConfig
         fields = ("max_new_tokens", "temperature", "top_k", "top_p", "stop_strings")
         picked = {f: getattr(cfg, f) for f in fields if getattr(cfg, f, None) is not None}
         if not getattr(cfg, "do_sample", False):
-            picked.pop("temperature", None)
-            picked.pop("top_k", None)
-            picked.pop("top_p", None)
+            for f in ("temperature", "top_k", "top_p"):
+                picked.pop(f, None)
         cfg = GenerationConfig(**picked)
     out = generate(model, batch, cfg, tokenizer=tokenizer, **kwargs)
     ids = batch["input_ids"]
@@ -309,7 +399,7 @@ def generate_from_batch(model: Molmo, batch: dict, generation_config=None, token
     return torch.cat([ids.to(out.tokens.device), out.tokens], dim=1)
 
 
-def ask(model: Molmo, processor, prompt: str, images=None, **kwargs) -> str:
+def ask(model, processor, prompt: str, images=None, **kwargs) -> str:
     """One call: images (paths, PIL images or arrays) and a prompt in, the answer's text out."""
     inputs = processor.process(images=images, text=prompt)
     return generate(model, inputs, tokenizer=processor.tokenizer, **kwargs).texts[0]

@@ -1,4 +1,8 @@
-"""Qwen2 decoder in Molmo's layout: fused biased qkv, rotate-half rotary in fp32, GQA, SwiGLU."""
+"""Qwen2 decoder in Molmo's layout: fused biased qkv, rotate-half rotary in fp32, GQA, SwiGLU.
+
+Shapes as in `molmo.model`: B rows, T tokens in this call, S key columns (the cache's when set
+up), H query heads, KV key/value heads, d head dim.
+"""
 from __future__ import annotations
 
 import torch
@@ -7,6 +11,31 @@ from torch import nn
 
 from .config import LLMConfig
 from .layers import Linear, checkpointed
+
+
+def positions_and_mask(input_ids: torch.Tensor, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions [B, L] (padding -1 does not advance them) and a causal bool mask [B, 1, S, S] over
+    the L prompt columns and `extra` columns of new tokens after them (S = L + extra).
+
+    Padding keys are masked out, as in the reference: a padding query sees the real tokens before
+    it, and a row with no real token at all sees every column (the reference's uniform softmax).
+    """
+    B, L = input_ids.shape
+    dev = input_ids.device
+    valid = input_ids != -1
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    keys = torch.cat([valid, torch.ones(B, extra, dtype=torch.bool, device=dev)], 1)
+    S = L + extra
+    mask = torch.ones(S, S, dtype=torch.bool, device=dev).tril() & keys[:, None, :]  # [B, S, S]
+    mask |= ~mask.any(-1, keepdim=True)
+    return positions, mask.unsqueeze(1)
+
+
+def prompt_mask(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """The prompt's [B, 1, L, L] part of `mask`, or None (plain causal, the fused attention
+    kernels' fast path) when no row is padded."""
+    L = input_ids.shape[1]
+    return mask[:, :, :L, :L] if bool((input_ids == -1).any()) else None
 
 
 class RMSNorm(nn.Module):
@@ -37,18 +66,25 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (h * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
 
-class KVCache:
-    """Preallocated keys and values [B, kv_heads, max_len, head_dim]; written in place by slot."""
+class KVCache(nn.Module):
+    """Preallocated keys and values [B, kv_heads, max_len, head_dim] (buffers, never saved),
+    written in place by column."""
 
     def __init__(self, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
         shape = (batch, kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, kv_heads, T, head_dim] into columns slots [T]; return the whole cache."""
         self.k.index_copy_(2, slots, k.to(self.k.dtype))
         self.v.index_copy_(2, slots, v.to(self.v.dtype))
         return self.k, self.v
+
+    def reset(self) -> None:
+        self.k.zero_()
+        self.v.zero_()
 
 
 class Attention(nn.Module):
@@ -59,7 +95,8 @@ class Attention(nn.Module):
         self.out = Linear(c.heads * c.head_dim, c.hidden, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, slots=None):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                slots: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         H, KV, d = self.heads, self.kv_heads, self.head_dim
         qkv = self.qkv(x).view(B, T, H + 2 * KV, d).transpose(1, 2)  # [B, H + 2 KV, T, d]
@@ -120,7 +157,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(c.hidden, c.norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, mask, slots=None):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                slots: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, slots)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -151,7 +189,8 @@ class Decoder(nn.Module):
         self.lm_head = Linear(c.hidden, c.vocab, bias=False)
         self.gradient_checkpointing = False
 
-    def forward(self, x, positions, mask, slots=None, hidden_states: list | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+                slots: torch.Tensor | None = None, hidden_states: list | None = None) -> torch.Tensor:
         """Embeddings [B, T, hidden] at positions [B, T] -> hidden states [B, T, hidden] (before `norm`).
 
         mask: bool [B, 1, T, S], True where a query may attend to a key, or None for plain causal
@@ -167,9 +206,11 @@ class Decoder(nn.Module):
         return x
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states [..., d] -> logits [..., V] (the final norm, then the head)."""
         return self.lm_head(self.norm(h))
 
     def setup_cache(self, batch: int, max_len: int, dtype, device) -> None:
+        """A KV cache of `max_len` columns on every attention layer (until `clear_cache`)."""
         c = self.config
         for block in self.blocks:
             block.attn.cache = KVCache(batch, max_len, c.kv_heads, c.head_dim, dtype, device)

@@ -1,4 +1,9 @@
-"""The whole Molmo: vision encoder -> connector -> features added into the decoder's embeddings."""
+"""The whole Molmo: vision encoder -> connector -> features added into the decoder's embeddings.
+
+Shapes: B rows, L tokens a row (right-padded with -1), n crops a row, P = 576 patches a crop of
+588 pixel values, 144 pooled tokens a crop, V vocabulary, d the decoder width. In the decoder,
+T is the tokens of one call and S the key columns it attends to (the KV cache's, when set up).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -10,36 +15,14 @@ from torch import nn
 
 from .config import MolmoConfig
 from .connector import Connector
-from .llm import Decoder
+from .generation import generate_from_batch
+from .hub import resolve_snapshot
+from .llm import Decoder, positions_and_mask, prompt_mask
+from .loading import load_weights
 from .loss import check_labels, loss_targets, weighted_loss
 from .vision import VisionEncoder
 
 MODES = ("fp32", "autocast", "bf16")
-
-
-def positions_and_mask(input_ids: torch.Tensor, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions [B, L] (padding -1 does not advance them) and a causal bool mask [B, 1, S, S] over
-    the L prompt columns and `extra` columns of new tokens after them (S = L + extra).
-
-    Padding keys are masked out, as in the reference: a padding query sees the real tokens before
-    it, and a row with no real token at all sees every column (the reference's uniform softmax).
-    """
-    B, L = input_ids.shape
-    dev = input_ids.device
-    valid = input_ids != -1
-    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    keys = torch.cat([valid, torch.ones(B, extra, dtype=torch.bool, device=dev)], 1)
-    S = L + extra
-    mask = torch.ones(S, S, dtype=torch.bool, device=dev).tril() & keys[:, None, :]  # [B, S, S]
-    mask |= ~mask.any(-1, keepdim=True)
-    return positions, mask.unsqueeze(1)
-
-
-def prompt_mask(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
-    """The prompt's [B, 1, L, L] part of `mask`, or None (plain causal, the fused attention
-    kernels' fast path) when no row is padded."""
-    L = input_ids.shape[1]
-    return mask[:, :, :L, :L] if bool((input_ids == -1).any()) else None
 
 
 @dataclass
@@ -65,6 +48,12 @@ class Molmo(nn.Module):
         self.mode = "fp32"
 
     @classmethod
+    def meta(cls, config: MolmoConfig) -> "Molmo":
+        """The model's structure without storage (the meta device): names, shapes, counts."""
+        with torch.device("meta"):
+            return cls(config)
+
+    @classmethod
     def from_pretrained(cls, path_or_id: str | Path, dtype: str | torch.dtype = "fp32",
                         device: str | torch.device | None = None, revision: str | None = None) -> "Molmo":
         """Load a Molmo snapshot: a local folder or a Hugging Face hub id (downloaded into the HF cache).
@@ -72,12 +61,11 @@ class Molmo(nn.Module):
         dtype: "fp32", "autocast" (fp32 weights, bf16 matmuls) or "bf16" (also torch dtypes).
         device: defaults to CUDA when available.
         """
-        from .loading import load_model, resolve_snapshot
-
         mode = precision_mode(dtype)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         folder = resolve_snapshot(path_or_id, revision=revision)
-        model = load_model(folder, dtype=torch.bfloat16 if mode == "bf16" else torch.float32, device=device)
+        model = cls.meta(MolmoConfig.from_hf(folder))
+        load_weights(model, folder, dtype=torch.bfloat16 if mode == "bf16" else torch.float32, device=device)
         model.mode = mode
         return model
 
@@ -140,7 +128,7 @@ class Molmo(nn.Module):
         output_hidden_states: the input of every decoder block, then the final norm's output.
         return_logits=False skips the logits of positions without loss (saves memory in training).
         """
-        check_inputs(self.config, input_ids, images, image_masks, image_input_idx)
+        self.check_inputs(input_ids, images, image_masks, image_input_idx)
         if labels is not None:
             check_labels(labels, loss_masks, input_ids, self.config.llm.vocab)
         hidden = [] if output_hidden_states else None
@@ -160,10 +148,31 @@ class Molmo(nn.Module):
             hidden = tuple(hidden) + (h,)
         return MolmoOutput(logits=logits, loss=loss, hidden_states=hidden)
 
+    def check_inputs(self, input_ids, images=None, image_masks=None, image_input_idx=None) -> None:
+        """One clear error for inputs of the wrong shape or range, before any compute."""
+        config = self.config
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+        n_vocab = config.llm.vocab + config.llm.extra_vocab
+        if input_ids.numel() and (input_ids.min() < -1 or input_ids.max() >= n_vocab):
+            raise ValueError(f"input_ids must lie in [-1, {n_vocab}), got [{input_ids.min()}, {input_ids.max()}]")
+        if images is None:
+            return
+        v = config.vision
+        B, L = input_ids.shape
+        want = (B, images.shape[1], v.grid * v.grid, v.patch_dim)
+        if images.dim() != 4 or tuple(images.shape) != want:
+            raise ValueError(f"images must have shape {want} (batch, crops, patches, pixels), got {tuple(images.shape)}")
+        if image_input_idx is None or tuple(image_input_idx.shape) != (B, want[1], v.pooled_grid**2):
+            got = None if image_input_idx is None else tuple(image_input_idx.shape)
+            raise ValueError(f"image_input_idx must have shape {(B, want[1], v.pooled_grid**2)}, got {got}")
+        if image_masks is not None and tuple(image_masks.shape) != want[:3]:
+            raise ValueError(f"image_masks must have shape {want[:3]}, got {tuple(image_masks.shape)}")
+        if image_input_idx.numel() and image_input_idx.max() >= L:
+            raise ValueError(f"image_input_idx points past the sequence (max {image_input_idx.max()}, length {L})")
+
     def generate_from_batch(self, batch: dict, generation_config=None, tokenizer=None, **kwargs) -> torch.Tensor:
         """The model card's call: a processed (batched) dict in, prompt + new tokens [B, L + n] out."""
-        from .generation import generate_from_batch
-
         return generate_from_batch(self, batch, generation_config, tokenizer=tokenizer, **kwargs)
 
 
@@ -174,26 +183,3 @@ def precision_mode(dtype: str | torch.dtype) -> str:
     if mode not in MODES:
         raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(MODES)}")
     return mode
-
-
-def check_inputs(config: MolmoConfig, input_ids, images, image_masks, image_input_idx) -> None:
-    """One clear error for inputs of the wrong shape or range, before any compute."""
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
-    n_vocab = config.llm.vocab + config.llm.extra_vocab
-    if input_ids.numel() and (input_ids.min() < -1 or input_ids.max() >= n_vocab):
-        raise ValueError(f"input_ids must lie in [-1, {n_vocab}), got [{input_ids.min()}, {input_ids.max()}]")
-    if images is None:
-        return
-    v = config.vision
-    B, L = input_ids.shape
-    want = (B, images.shape[1], v.grid * v.grid, v.patch_dim)
-    if images.dim() != 4 or tuple(images.shape) != want:
-        raise ValueError(f"images must have shape {want} (batch, crops, patches, pixels), got {tuple(images.shape)}")
-    if image_input_idx is None or tuple(image_input_idx.shape) != (B, want[1], v.pooled_grid**2):
-        got = None if image_input_idx is None else tuple(image_input_idx.shape)
-        raise ValueError(f"image_input_idx must have shape {(B, want[1], v.pooled_grid**2)}, got {got}")
-    if image_masks is not None and tuple(image_masks.shape) != want[:3]:
-        raise ValueError(f"image_masks must have shape {want[:3]}, got {tuple(image_masks.shape)}")
-    if image_input_idx.numel() and image_input_idx.max() >= L:
-        raise ValueError(f"image_input_idx points past the sequence (max {image_input_idx.max()}, length {L})")

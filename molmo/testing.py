@@ -10,8 +10,9 @@ import torch
 
 from .checkpoint import write_snapshot
 from .config import MolmoConfig
-from .loading import build_meta, expected_tensors, published_name
+from .loading import expected_tensors
 from .model import Molmo
+from .names import published_name
 
 
 def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
@@ -27,7 +28,7 @@ def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> to
 def random_model(config: MolmoConfig, seed: int = 0, dtype=torch.float32, device="cpu") -> Molmo:
     """A Molmo with random weights, built directly in memory on `device` (no checkpoint)."""
     gen = torch.Generator(device).manual_seed(seed)
-    model = build_meta(config)
+    model = Molmo.meta(config)
     for name, p in list(model.named_parameters()):
         t = random_tensor(published_name(name), tuple(p.shape), gen).to(dtype=dtype)
         module, _, attr = name.rpartition(".")
@@ -40,7 +41,7 @@ def write_random_checkpoint(folder: str | Path, config: MolmoConfig, seed: int =
     """Write config.json and random weights (one file, or shards past `max_shard_bytes`)."""
     folder = Path(folder)
     gen = torch.Generator().manual_seed(seed)
-    shapes = expected_tensors(config)
+    shapes = expected_tensors(Molmo.meta(config))
     specs = [(n, s, dtype) for n, s in shapes.items()]
     write_snapshot(folder, specs, lambda n: random_tensor(n, shapes[n], gen), max_shard_bytes=max_shard_bytes)
     (folder / "config.json").write_text(json.dumps(config.to_hf(), indent=2))

@@ -232,7 +232,7 @@ def save_snapshot(model: Molmo, out: Path, source: Path, state: dict[str, torch.
     other folders in `out` (the training checkpoint) stay."""
     from .checkpoint import INDEX_FILE, write_snapshot
     from .convert import WEIGHT_SUFFIXES
-    from .loading import published_name
+    from .names import published_name
 
     out, source = Path(out), Path(source)
     state = state if state is not None else full_state(model)

@@ -10,8 +10,8 @@
                          max_crops 1, 12 prompt tokens, 128 new tokens greedy (--dtype fp32|bf16)
   --workload train       full fine-tuning steps (AdamW, fp32) of the mid model, batch 2, each row one
                          640x480 image (max_crops 1) and a 64-token answer (--gradient-checkpointing):
-                         step time, peak RSS, and the activation memory (peak RSS minus the process
-                         before the model, weights, gradients and optimizer state)
+                         step time, and the activation memory: the peak RSS of the timed steps less
+                         the resting process (weights, optimizer state) and the gradients
                          --size full --lora-rank R: the 7B-D, one 13-crop image, a 256-token answer
   --workload full        the full 7B-D with random weights (CUDA): batch-1 decode and time to first
                          token with a 13-crop image (--dtype bf16 by default)
@@ -19,12 +19,15 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import resource
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -67,10 +70,11 @@ def synthetic_7b(folder: Path) -> Path:
     """The published 7B-D layout (fp32, ~5 GB shards) as sparse files: the bytes are holes."""
     from molmo.checkpoint import write_snapshot
     from molmo.loading import expected_tensors
+    from molmo.model import Molmo
 
     config = MolmoConfig()
     if not (folder / "model.safetensors.index.json").is_file():
-        shapes = expected_tensors(config)
+        shapes = expected_tensors(Molmo.meta(config))
         write_snapshot(folder, [(n, s, torch.float32) for n, s in shapes.items()], None, max_shard_bytes=5 << 30)
         (folder / "config.json").write_text(json.dumps(config.to_hf(), indent=2))
     return folder
@@ -221,7 +225,7 @@ def _reference_mid(a, model, inputs, mode) -> dict:
     from transformers import GenerationConfig
 
     from live_parity import _install_standins, load_reference
-    from molmo.loading import published_name
+    from molmo.names import published_name
 
     _install_standins()
     ref = load_reference(Path(a.reference_code))
@@ -283,6 +287,43 @@ def current_rss_gb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 1e9
 
 
+def _resting_memory_gb(device) -> float:
+    gc.collect()
+    if str(device).startswith("cuda"):
+        return torch.cuda.memory_allocated() / 1e9
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so RSS is what is in use
+    return current_rss_gb()
+
+
+class _PeakMemory:
+    """The peak of GPU memory allocated, or of the process RSS sampled every millisecond, in a block."""
+
+    def __init__(self, device):
+        self.cuda = str(device).startswith("cuda")
+        self.peak_gb = 0.0
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.stop = threading.Event()
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.stop.wait(0.001):
+            self.peak_gb = max(self.peak_gb, current_rss_gb())
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.peak_gb = torch.cuda.max_memory_allocated() / 1e9
+        else:
+            self.stop.set()
+            self.thread.join()
+            self.peak_gb = max(self.peak_gb, current_rss_gb())
+
+
 def bench_train(a) -> dict:
     """Fine-tuning steps on random weights: the mid model (CPU) or the full 7B-D (--size full, CUDA)."""
     from molmo.data import collate
@@ -292,7 +333,6 @@ def bench_train(a) -> dict:
     torch.manual_seed(0)
     full = a.size == "full"
     mode = a.dtype or ("bf16" if full else "fp32")
-    base = current_rss_gb()
     model = random_model(MolmoConfig() if full else MID, seed=0, device=a.device,
                          dtype=torch.bfloat16 if mode == "bf16" else torch.float32).train()
     model.mode = mode
@@ -311,17 +351,18 @@ def bench_train(a) -> dict:
     batch = collate(rows)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, foreach=False)
-    if a.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(a.steps):
-        _sync(a.device)
-        t = time.perf_counter()
-        loss = train_step(model, [batch])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        _sync(a.device)
-        times.append(time.perf_counter() - t)
+    times, resting, peak = [], 0.0, 0.0
+    for step in range(a.steps):
+        if step == 1:  # weights and optimizer state now exist, gradients were freed: the resting state
+            resting = _resting_memory_gb(a.device)
+        with _PeakMemory(a.device) as mem:
+            t = time.perf_counter()
+            loss = train_step(model, [batch])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            _sync(a.device)
+            times.append(time.perf_counter() - t)
+        peak = max(peak, mem.peak_gb) if step else peak
     weights_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
     grads_gb = sum(p.numel() * p.element_size() for p in params) / 1e9
     optim_gb = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
@@ -332,13 +373,10 @@ def bench_train(a) -> dict:
            "loss": round(float(loss), 4), "step_s": round(statistics.median(times[1:] or times), 3),
            "step_runs_s": [round(t, 3) for t in times], "weights_gb": round(weights_gb, 2),
            "grads_gb": round(grads_gb, 3), "optimizer_gb": round(optim_gb, 3)}
-    if a.device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated() / 1e9
-        out |= {"peak_gpu_gb": round(peak, 2), "activation_gb": round(peak - weights_gb - grads_gb - optim_gb, 2)}
-    else:
-        peak = peak_rss_gb()
-        out |= {"peak_rss_gb": round(peak, 2), "process_before_model_gb": round(base, 2),
-                "activation_gb": round(peak - base - weights_gb - grads_gb - optim_gb, 2)}
+    # Activations: the peak of the timed steps above the resting state, less the gradients.
+    out |= {"peak_gb": round(peak, 2), "resting_gb": round(resting, 2),
+            "activation_gb": round(peak - resting - grads_gb, 2),
+            "memory": "GPU memory allocated" if a.device.startswith("cuda") else "process RSS"}
     return out
 
 

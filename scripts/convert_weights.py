@@ -41,22 +41,27 @@ def main(argv=None) -> int:
     h.add_argument("--out", required=True, type=Path)
     for s in (t, f, h):
         s.add_argument("--no-progress", action="store_true")
+        s.add_argument("--overwrite", action="store_true", help="replace an existing output folder whole")
     a = p.parse_args(argv)
     progress = not a.no_progress
     try:
         if a.command == "to-dtype":
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
-            files = convert.to_dtype(a.model, a.out, dtype, int(a.shard_gb * (1 << 30)), progress=progress)
+            files = convert.to_dtype(a.model, a.out, dtype, int(a.shard_gb * (1 << 30)), progress=progress,
+                                     overwrite=a.overwrite)
             print(f"wrote {len(files)} shard(s) to {a.out}")
         elif a.command == "from-hf":
-            cfg = convert.from_hf(a.clip, a.qwen2, a.out, seed=a.seed, progress=progress)
+            cfg = convert.from_hf(a.clip, a.qwen2, a.out, seed=a.seed, progress=progress, overwrite=a.overwrite)
             print(f"wrote a Molmo snapshot ({cfg.vision.layers} ViT blocks, {cfg.llm.layers} LLM blocks) to {a.out}")
         else:
-            qdir, cdir = convert.to_hf(a.model, a.out, progress=progress)
+            qdir, cdir = convert.to_hf(a.model, a.out, progress=progress, overwrite=a.overwrite)
             print(f"wrote {qdir} and {cdir}")
     except (ValueError, OSError, KeyError) as e:
         print(f"convert_weights.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"convert_weights.py: interrupted; {a.out} was left as it was", file=sys.stderr)
+        return 130
     return 0
 
 

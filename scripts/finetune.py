@@ -31,7 +31,7 @@ from molmo import Molmo  # noqa: E402
 from molmo.checkpoint import CheckpointError  # noqa: E402
 from molmo.config import ConfigError  # noqa: E402
 from molmo.data import Dataset, RecordError  # noqa: E402
-from molmo.loading import resolve_snapshot  # noqa: E402
+from molmo.hub import resolve_snapshot  # noqa: E402
 from molmo.preprocess import MolmoProcessor  # noqa: E402
 from molmo import training  # noqa: E402
 

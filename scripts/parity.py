@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from molmo import Molmo  # noqa: E402
 from molmo.generation import GenerationConfig, generate  # noqa: E402
-from molmo.loading import published_name  # noqa: E402
+from molmo.names import published_name  # noqa: E402
 from molmo.preprocess import MolmoProcessor, Tokenizer, format_prompt  # noqa: E402
 
 MODES = {"fp32": "fp32", "autocast_bf16": "autocast", "bf16": "bf16"}  # golden key -> our mode
@@ -56,8 +56,8 @@ def run_tokenizer(golden: Path, out: Path, tok: Tokenizer, check: Checks) -> Non
     cases = json.loads((golden / "cases.json").read_text())
     ours = []
     for i, c in enumerate(cases):
-        ids = tok.encode(c["text"])
-        mine = {"text": c["text"], "ids": ids, "prompt_ids": tok.encode(format_prompt(c["text"])),
+        ids = tok.encode(c["text"], special=True)  # the plain tokenizer, as recorded
+        mine = {"text": c["text"], "ids": ids, "prompt_ids": tok.encode(format_prompt(c["text"]), special=True),
                 "decoded": tok.decode(ids)}
         ours.append(mine)
         for key in ("ids", "prompt_ids", "decoded"):

@@ -17,9 +17,15 @@ FACTS = SHARED / "checkpoint-facts"
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_configure(config):
+    missing = [p for p in (GOLDEN / "FORMAT.md", TOKENIZER / "tokenizer.json", FACTS / "config.json") if not p.is_file()]
+    if missing:
+        raise pytest.UsageError(f"{missing[0]} not found: the tests need the shared goldens, tokenizer and checkpoint "
+                                f"facts. Put this repository next to shared/, or set MOLMO_SHARED=/path/to/shared.")
+
+
 def golden_cases(section: str) -> list[dict]:
-    path = GOLDEN / section / "cases.json"
-    return json.loads(path.read_text()) if path.is_file() else []
+    return json.loads((GOLDEN / section / "cases.json").read_text())
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

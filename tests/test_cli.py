@@ -10,6 +10,8 @@ from molmo import cli
 
 from conftest import FACTS, GOLDEN
 
+pytestmark = pytest.mark.slow  # subprocesses
+
 
 def run(*args):
     return subprocess.run([sys.executable, "-m", "molmo", *map(str, args)], capture_output=True, text=True,

@@ -4,19 +4,20 @@ import pytest
 
 from molmo.config import ConfigError, MolmoConfig
 from molmo.loading import expected_tensors, parameter_counts
+from molmo.model import Molmo
 
 from conftest import FACTS, GOLDEN
 
 
 def test_published_7b_config_has_exact_parameter_counts_per_part():
-    counts = parameter_counts(MolmoConfig.from_hf(FACTS))
+    counts = parameter_counts(Molmo.meta(MolmoConfig.from_hf(FACTS)))
     assert counts == {"vision": 290_909_184, "connector": 114_040_832, "llm": 7_616_075_264,
                       "total": 8_021_025_280}
 
 
 def test_published_7b_tensor_names_and_shapes_equal_tensors_json():
     facts = json.loads((FACTS / "tensors.json").read_text())
-    ours = expected_tensors(MolmoConfig.from_hf(FACTS))
+    ours = expected_tensors(Molmo.meta(MolmoConfig.from_hf(FACTS)))
     assert ours == {k: tuple(v) for k, v in facts["tensors"].items()}
     assert sum(__import__("math").prod(s) for s in ours.values()) == facts["total_parameters"]
 

@@ -69,9 +69,14 @@ def test_generate_from_batch_returns_prompt_then_new_tokens(tiny):
 
 def test_transformers_style_generation_config_is_accepted(tiny):
     class HFConfig:  # the attributes of transformers.GenerationConfig that matter
-        max_new_tokens, do_sample, temperature, top_k, top_p, stop_strings = 4, False, 1.0, 50, 1.0, None
-    out = generate_from_batch(tiny, _example(), HFConfig())
-    assert out.shape[1] <= 44
+        max_new_tokens, do_sample, temperature, top_k, top_p, stop_strings = 4, False, 1.5, 50, 1.0, None
+    ex = _example()
+    greedy = generate(tiny, ex, max_new_tokens=4).tokens
+    out = generate_from_batch(tiny, ex, HFConfig())  # do_sample False: greedy, sampling fields ignored
+    assert out.shape == (1, 40 + greedy.shape[1]) and torch.equal(out[0, 40:], greedy[0])
+    HFConfig.do_sample = True
+    sampled = [generate_from_batch(tiny, ex, HFConfig())[0, 40:] for _ in range(3)]
+    assert any(not torch.equal(s, greedy[0]) for s in sampled)  # temperature 1.5 over 3 draws
 
 
 def test_seeded_sampling_is_reproducible_and_seeds_differ(tiny):
@@ -191,6 +196,7 @@ def test_readme_quick_start_and_ask_helper(text_model_dir):
     assert text == ask(model, processor, "Describe this image.", images=[img], max_new_tokens=8)
 
 
+@pytest.mark.slow
 def test_compiled_decode_step_gives_the_eager_tokens_and_reuses_its_compilation(tiny):
     torch._dynamo.reset()
     exs = [_example(3, 40, 2), _example(4, 52, 1)]  # both fit one 256-column cache: one compilation
@@ -208,3 +214,33 @@ def test_timings_give_first_token_latency_and_the_steady_rate_after_set_up(tiny)
     assert t["steady_tokens_per_s"] > 0  # measured from the sync at step 8 to the end
     short = generate(tiny, _example(), max_new_tokens=5, stop_on_eos=False).timings
     assert "steady_tokens_per_s" not in short  # no sync between the first step and the end
+
+
+def test_threads_sharing_one_model_each_get_their_solo_result(tiny):
+    import threading
+
+    exs = [_example(s, 30 + 5 * s, 1 + s % 2) for s in range(4)]
+    solo = [generate(tiny, ex, max_new_tokens=6, stop_on_eos=False).tokens for ex in exs]
+    got = [None] * 4
+
+    def work(i):
+        for _ in range(3):
+            got[i] = generate(tiny, exs[i], max_new_tokens=6, stop_on_eos=False).tokens
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(g, s) for g, s in zip(got, solo))
+
+
+def test_unseeded_sampling_draws_from_torch_global_generator_without_reseeding_it(tiny):
+    ex = _example()
+    kw = dict(max_new_tokens=8, temperature=1.5, stop_on_eos=False)
+    torch.manual_seed(123)
+    a = generate(tiny, ex, **kw).tokens
+    after = torch.rand(1)
+    torch.manual_seed(123)
+    b = generate(tiny, ex, **kw).tokens
+    assert torch.equal(a, b) and torch.equal(torch.rand(1), after)  # the global stream continues, not reseeded

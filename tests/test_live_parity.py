@@ -9,6 +9,8 @@ import pytest
 
 from conftest import GOLDEN, ROOT
 
+pytestmark = pytest.mark.slow  # subprocesses
+
 pytest.importorskip("transformers")
 
 STANDIN = {

@@ -57,3 +57,28 @@ def test_decode_attention_by_matmuls_equals_grouped_sdpa():
     want = F.scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), attn_mask=mask)
     got = attend_by_matmuls(q.reshape(B, KV, G, d), k, v, mask).reshape(B, KV * G, 1, d)
     assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_kv_cache_is_a_module_of_unsaved_buffers_written_by_column():
+    from molmo.llm import KVCache
+
+    cache = KVCache(2, 8, 3, 4, torch.float32, "cpu")
+    assert dict(cache.named_buffers()).keys() == {"k", "v"} and cache.state_dict() == {}
+    k, v = torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 4)
+    K, V = cache.update(torch.tensor([5, 6]), k, v)
+    assert torch.equal(K[:, :, 5:7], k) and torch.equal(V[:, :, 5:7], v) and K[:, :, :5].abs().sum() == 0
+    assert cache.to(torch.bfloat16).k.dtype == torch.bfloat16
+    cache.reset()
+    assert cache.k.abs().sum() == 0 and cache.v.abs().sum() == 0
+
+
+def test_setup_cache_leaves_the_state_dict_alone_and_clear_cache_removes_it():
+    from molmo.config import MolmoConfig
+    from molmo.testing import random_model
+
+    model = random_model(MolmoConfig.tiny(), seed=0)
+    keys = set(model.state_dict())
+    model.llm.setup_cache(1, 16, torch.float32, "cpu")
+    assert set(model.state_dict()) == keys and all(b.attn.cache.k.shape == (1, 2, 16, 16) for b in model.llm.blocks)
+    model.llm.clear_cache()
+    assert all(b.attn.cache is None for b in model.llm.blocks)

@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from molmo import Molmo
 from molmo.config import MolmoConfig
-from molmo.loading import published_name
+from molmo.names import published_name
 from molmo.testing import random_model
 
 from conftest import GOLDEN, golden_cases, rel

@@ -8,6 +8,8 @@ import pytest
 
 from conftest import GOLDEN, ROOT, TOKENIZER
 
+pytestmark = pytest.mark.slow  # subprocesses
+
 
 def run(script, *args, timeout=300):
     return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *map(str, args)], capture_output=True,

@@ -5,7 +5,7 @@ from safetensors.torch import load_file
 
 from molmo import Molmo
 from molmo.config import MolmoConfig
-from molmo.loading import published_name
+from molmo.names import published_name
 from molmo.testing import random_model
 from molmo import training
 

@@ -28,14 +28,35 @@ def _has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info)
 
 
+def _to_8_bits(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float grayscale image scaled to 8 bits by its full range: 0..65535
+    for 16-bit modes (and 32-bit ones whose values fit them), else the image's own min..max."""
+    a = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16") or (image.mode == "I" and a.min() >= 0 and a.max() <= 65535):
+        lo, hi = 0.0, 65535.0
+    else:
+        finite = a[np.isfinite(a)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    scaled = np.nan_to_num((a - lo) / (hi - lo) if hi > lo else np.zeros_like(a), nan=0.0)
+    return Image.fromarray(np.round(np.clip(scaled, 0, 1) * 255).astype(np.uint8), "L")
+
+
 def _from_pil(image: Image.Image, where: str, max_pixels: int) -> np.ndarray:
-    w, h = image.size
-    if w == 0 or h == 0:
-        raise ImageError(f"{where}: image has zero size ({w}x{h})")
-    if w * h > max_pixels:
-        raise ImageError(f"{where}: {w}x{h} is over the pixel limit of {max_pixels:,} (raise max_pixels to allow it)")
-    image = _composite(image) if _has_alpha(image) else image.convert("RGB")
-    return np.asarray(image, dtype=np.uint8)
+    try:
+        w, h = image.size
+        if w == 0 or h == 0:
+            raise ImageError(f"{where}: image has zero size ({w}x{h})")
+        if w * h > max_pixels:
+            raise ImageError(f"{where}: {w}x{h} is over the pixel limit of {max_pixels:,} (raise max_pixels to allow it)")
+        image = ImageOps.exif_transpose(image)  # the same photo the same way up, however it is passed
+        if image.mode.startswith("I") or image.mode == "F":
+            image = _to_8_bits(image)
+        image = _composite(image) if _has_alpha(image) else image.convert("RGB")
+        return np.asarray(image, dtype=np.uint8)
+    except ValueError as e:  # e.g. an image closed by the caller
+        if isinstance(e, ImageError):
+            raise
+        raise ImageError(f"{where}: unusable image ({e})") from None
 
 
 def _open(path: Path, max_pixels: int) -> np.ndarray:
@@ -51,7 +72,7 @@ def _open(path: Path, max_pixels: int) -> np.ndarray:
                     if w * h > max_pixels:
                         raise ImageError(f"{path}: {w}x{h} is over the pixel limit of {max_pixels:,}")
                     img.load()
-                    return _from_pil(ImageOps.exif_transpose(img), str(path), max_pixels)
+                    return _from_pil(img, str(path), max_pixels)
             finally:
                 Image.MAX_IMAGE_PIXELS = saved
     except UnidentifiedImageError:
@@ -82,9 +103,12 @@ def _from_array(a: np.ndarray, max_pixels: int) -> np.ndarray:
 def load_image(image, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """A path, PIL image or uint8 array -> RGB uint8 array [H, W, 3].
 
-    Files get their EXIF orientation applied; transparent images are composited (see SPEC.md);
-    other modes are converted to RGB.
+    EXIF orientation is applied (files and PIL images alike; arrays carry none); 16-bit, 32-bit and
+    float images are scaled to 8 bits by their full range; transparent images are composited (see
+    SPEC.md); other modes are converted to RGB.
     """
+    if isinstance(image, str) and "://" in image:
+        raise ImageError(f"{image}: URLs are not fetched; download the image and pass its path")
     if isinstance(image, (str, os.PathLike)):
         return _open(Path(image), max_pixels)
     if isinstance(image, Image.Image):

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..hub import resolve_snapshot
 from .image import DEFAULT_MAX_PIXELS, load_image
 from .text import Tokenizer, format_prompt
 from .tiling import ImageConfig, tile_image
@@ -25,23 +26,23 @@ class MolmoProcessor:
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, revision: str | None = None, **kwargs) -> "MolmoProcessor":
         """From a snapshot folder or hub id: `tokenizer.json` and `preprocessor_config.json`."""
-        from ..loading import resolve_snapshot
-
         folder = resolve_snapshot(path_or_id, revision=revision)
         return cls(Tokenizer(folder), ImageConfig.from_hf(folder), **kwargs)
 
     def process(self, images=None, text: str | None = None, messages: list[str] | None = None,
-                **image_kwargs) -> dict[str, torch.Tensor]:
+                special_tokens: bool = False, **image_kwargs) -> dict[str, torch.Tensor]:
         """One example: images (a path, PIL image or array, or a list of them) and a prompt.
 
         Returns `input_ids` [L] (BOS, each image's token block, the prompt) and, with images,
         `images` [n_crops, 576, 588], `image_input_idx` [n_crops, 144], `image_masks` [n_crops, 576].
+        The prompt is encoded as text; special_tokens=True lets strings such as `<|endoftext|>` in
+        it become control tokens (for prompts built with them on purpose).
         `image_kwargs` override preprocessor fields: max_crops, overlap_margins, ...
         """
         cfg = self.image_config.override(**image_kwargs)
         if images is not None and not isinstance(images, (list, tuple)):
             images = [images]
-        prompt = self.tokenizer.encode(format_prompt(text, messages))
+        prompt = self.tokenizer.encode(format_prompt(text, messages), special=special_tokens)
         tokens = [np.array([self.tokenizer.bos_id], dtype=np.int64)]
         crops, idx, masks = [], [], []
         offset = 1

@@ -10,14 +10,21 @@ EOS = "<|endoftext|>"
 
 
 class Tokenizer:
-    """Encode/decode with `tokenizer.json`; EOS `<|endoftext|>` doubles as BOS and padding."""
+    """Encode/decode with `tokenizer.json`; EOS `<|endoftext|>` doubles as BOS and padding.
+
+    Text is encoded as text: `<|endoftext|>` or `<im_patch>` typed in a prompt become ordinary
+    tokens, so user text can neither end the prompt nor fake image slots. `special=True` gives the
+    plain tokenizer's behaviour (the official processor's), where such strings are control tokens.
+    """
 
     def __init__(self, path: str | Path):
         path = Path(path)
         path = path / "tokenizer.json" if path.is_dir() else path
         if not path.is_file():
             raise FileNotFoundError(f"{path}: tokenizer.json not found")
-        self.tok = _HFTokenizer.from_file(str(path))
+        self.tok = _HFTokenizer.from_file(str(path))  # special-token strings -> control tokens
+        self.text_tok = _HFTokenizer.from_file(str(path))
+        self.text_tok.encode_special_tokens = True  # special-token strings -> their text's tokens
         self.special = {}
         for name in (EOS, *IMAGE_TOKENS):
             i = self.tok.token_to_id(name)
@@ -26,8 +33,15 @@ class Tokenizer:
             self.special[name] = i
         self.eos_id = self.bos_id = self.special[EOS]
 
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, special: bool = False) -> list[int]:
+        """Token ids of `text` (no BOS added); with special=True, special-token strings in it are
+        encoded as those tokens."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a string, got {type(text).__name__}")
+        try:
+            return (self.tok if special else self.text_tok).encode(text, add_special_tokens=False).ids
+        except (TypeError, ValueError, UnicodeError) as e:  # e.g. a lone surrogate
+            raise ValueError(f"text cannot be encoded ({e}): {text[:40]!r}") from None
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

@@ -15,6 +15,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+MAX_CROPS = 256  # each crop adds at least 64 tokens: 256 crops are 4x the 4096-token context
+
+
 @dataclass(frozen=True)
 class ImageConfig:
     """The `preprocessor_config.json` fields, with the 7B-D values."""
@@ -29,8 +32,9 @@ class ImageConfig:
 
     def __post_init__(self):
         lm, rm = self.overlap_margins
-        if not (isinstance(self.max_crops, int) and self.max_crops >= 1):
-            raise ValueError(f"max_crops must be an integer >= 1, got {self.max_crops!r}")
+        if not (isinstance(self.max_crops, int) and 1 <= self.max_crops <= MAX_CROPS):
+            raise ValueError(f"max_crops must be an integer in [1, {MAX_CROPS}] (more crops than any Molmo "
+                             f"context holds), got {self.max_crops!r}")
         if lm < 0 or rm < 0 or lm % 2 or rm % 2:
             raise ValueError(f"overlap_margins must be even and >= 0 (2x2 pooling), got {tuple(self.overlap_margins)}")
         if lm + rm >= self.patches_per_crop:
@@ -52,17 +56,20 @@ class ImageConfig:
         path = Path(folder) / "preprocessor_config.json"
         if not path.is_file():
             return cls()
-        raw = json.loads(path.read_text())
-        size = raw.get("base_image_input_size", [336, 336])
-        return cls(
-            max_crops=int(raw.get("max_crops", 12)),
-            overlap_margins=tuple(raw.get("overlap_margins", (4, 4))),
-            crop_size=int(size[0] if isinstance(size, (list, tuple)) else size),
-            patch_size=int(raw.get("image_patch_size", 14)),
-            tokens_per_side=int(raw.get("image_token_length_h", 12)),
-            mean=tuple(raw.get("image_mean", CLIP_MEAN)),
-            std=tuple(raw.get("image_std", CLIP_STD)),
-        )
+        try:
+            raw = json.loads(path.read_text())
+            size = raw.get("base_image_input_size", [336, 336])
+            return cls(
+                max_crops=int(raw.get("max_crops", 12)),
+                overlap_margins=tuple(raw.get("overlap_margins", (4, 4))),
+                crop_size=int(size[0] if isinstance(size, (list, tuple)) else size),
+                patch_size=int(raw.get("image_patch_size", 14)),
+                tokens_per_side=int(raw.get("image_token_length_h", 12)),
+                mean=tuple(raw.get("image_mean", CLIP_MEAN)),
+                std=tuple(raw.get("image_std", CLIP_STD)),
+            )
+        except (ValueError, TypeError, AttributeError) as e:  # not JSON, not an object, or a bad value
+            raise ValueError(f"{path}: not a valid preprocessor config ({e})") from None
 
     def override(self, **kwargs) -> "ImageConfig":
         kwargs = {k: tuple(v) if k == "overlap_margins" else v for k, v in kwargs.items() if v is not None}
@@ -95,14 +102,16 @@ def to_unit_float(image: np.ndarray) -> torch.Tensor:
 
 def select_tiling(h: int, w: int, window: int, max_crops: int) -> tuple[int, int]:
     """(rows, cols) of crops: the least upscaling that fits, else the least downscaling (float32 math)."""
-    cands = sorted(((i, j) for i in range(1, max_crops + 1) for j in range(1, max_crops + 1) if i * j <= max_crops),
-                   key=lambda t: (t[0] * t[1], t[0]))
-    res = np.array(cands, dtype=np.float32) * np.float32(window)
+    per_row = max_crops // np.arange(1, max_crops + 1)  # candidates i x j with i * j <= max_crops: ~n log n
+    i = np.repeat(np.arange(1, max_crops + 1), per_row)
+    j = np.arange(len(i)) - np.repeat(np.cumsum(per_row) - per_row, per_row) + 1
+    order = np.lexsort((i, i * j))  # by (i * j, i)
+    cands = np.stack([i[order], j[order]], axis=1)
+    res = cands.astype(np.float32) * np.float32(window)
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = (res / np.array([h, w], dtype=np.float32)).min(axis=1)
-    if np.all(scale < 1):
-        return cands[int(np.argmax(scale))]
-    return cands[int(np.argmin(np.where(scale < 1, np.float32(10e9), scale)))]
+    k = int(np.argmax(scale)) if np.all(scale < 1) else int(np.argmin(np.where(scale < 1, np.float32(10e9), scale)))
+    return int(cands[k, 0]), int(cands[k, 1])
 
 
 def resize_and_pad(image: torch.Tensor, height: int, width: int, cfg: ImageConfig, name: str = "padded"):
