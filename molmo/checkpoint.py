@@ -58,19 +58,27 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
         raise CheckpointError(f"{path}: corrupt safetensors header")
     entries = {}
     base = 8 + n
+    spans = []
     for name, info in raw.items():
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (start, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+            dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (*shape, start, end)):
+                raise TypeError
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name}: malformed header entry") from None
+            raise CheckpointError(f"{path}: tensor {name}: malformed header entry (dtype, shape, data_offsets)") from None
         itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size() if dtype in DTYPES else None
         if itemsize is not None and end - start != math.prod(shape) * itemsize:
             raise CheckpointError(f"{path}: tensor {name}: {end - start} bytes do not match shape {list(shape)}")
         if not 0 <= start <= end or base + end > size:
             raise CheckpointError(f"{path}: truncated: tensor {name} ends at byte {base + end}, file has {size}")
         entries[name] = TensorEntry(path, name, dtype, shape, base + start, end - start)
+        spans.append((start, end, name))
+    spans.sort()
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise CheckpointError(f"{path}: tensors {a} and {b} overlap in the file")
     return entries
 
 
@@ -83,8 +91,13 @@ def snapshot_tensors(folder: Path) -> dict[str, TensorEntry]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (ValueError, KeyError, TypeError):
             raise CheckpointError(f"{index}: not a valid safetensors index (no weight_map)") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                       for k, v in weight_map.items()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
         entries: dict[str, TensorEntry] = {}
         for file in sorted(set(weight_map.values())):
+            if Path(file).name != file or file in (".", ".."):
+                raise CheckpointError(f"{index}: shard {file!r} is not a file in the snapshot folder")
             shard = folder / file
             if not shard.is_file():
                 raise CheckpointError(f"{shard}: shard named in {INDEX_FILE} is missing")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -152,11 +153,19 @@ CLIP_KEYS = {"width": "hidden_size", "heads": "num_attention_heads", "layers": "
 
 
 def _read(cls, keys: dict, raw: dict, where: str):
-    """A config dataclass from the keys of `raw` that `keys` names; absent keys keep the defaults."""
-    try:
-        return cls(**{f: type(getattr(cls, f))(raw[k]) for f, k in keys.items() if raw.get(k) is not None})
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: bad value ({e})") from None
+    """A config dataclass from the keys of `raw` that `keys` names; absent keys keep the defaults.
+    Sizes must be positive integers, other numbers positive."""
+    values = {}
+    for f, k in keys.items():
+        v = raw.get(k)
+        if v is None:
+            continue
+        kind = type(getattr(cls, f))
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v)
+        if not ok or (kind is int and v != int(v)):
+            raise ConfigError(f"{where}: {k} must be a positive {'integer' if kind is int else 'number'}, got {v!r}")
+        values[f] = kind(v)
+    return cls(**values)
 
 
 # Values a Molmo config.json may carry that would change the computation; we support one each.
@@ -178,6 +187,8 @@ _VISION_KEYS = {
 
 
 def _from_dict(raw: dict, where: str) -> MolmoConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a JSON object, got {type(raw).__name__}")
     for key, expected in _FIXED.items():
         if key in raw and raw[key] != expected:
             raise ConfigError(f"{where}: {key}={raw[key]!r} is not supported (Molmo uses {expected!r})")

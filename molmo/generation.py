@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import threading
 import time
 import warnings
@@ -43,13 +44,25 @@ class GenerationConfig:
     compile: bool = False  # torch.compile the decode step: fewer, fused kernels; compiles once per cache size
 
     def __post_init__(self):
-        if isinstance(self.stop_strings, str):
-            object.__setattr__(self, "stop_strings", (self.stop_strings,))
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0 or (self.top_p is not None and not 0 < self.top_p <= 1) or \
-                (self.top_k is not None and self.top_k < 1):
-            raise ValueError("temperature must be >= 0, top_p in (0, 1], top_k >= 1")
+        stops = () if self.stop_strings is None else self.stop_strings
+        stops = (stops,) if isinstance(stops, str) else tuple(stops)
+        if not all(isinstance(s, str) and s for s in stops):
+            raise ValueError(f"stop_strings must be non-empty strings, got {stops!r}")
+        object.__setattr__(self, "stop_strings", stops)
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None and not (_is_int(self.top_k) and self.top_k >= 1):
+            raise ValueError(f"top_k must be an integer >= 1, got {self.top_k!r}")
+        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < 2**64):
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass
@@ -89,7 +102,7 @@ class Sampler:
         self.gen = None
         if cfg.temperature > 0:
             seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, ()))
-            self.gen = torch.Generator(device).manual_seed(seed)
+            self.gen = torch.Generator(device).manual_seed(seed % 2**63)  # torch takes signed 64 bits
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         c = self.cfg

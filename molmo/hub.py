@@ -17,8 +17,12 @@ def resolve_snapshot(path_or_id: str | Path, revision: str | None = None) -> Pat
     if path.is_dir():
         return path
     name = str(path_or_id)
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise CheckpointError(f"{name}: not a model folder or a hub id like allenai/Molmo-7B-D-0924")
+    if path.exists():
+        raise CheckpointError(f"{name}: not a folder (a snapshot folder or a hub id like allenai/Molmo-7B-D-0924)")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or path.parent.exists() and str(path.parent) != ".":
+        raise CheckpointError(f"{name}: no such folder")
+    if name.count("/") != 1:
+        raise CheckpointError(f"{name}: no such folder, nor a hub id like allenai/Molmo-7B-D-0924")
     from huggingface_hub import snapshot_download
 
     try:

@@ -63,6 +63,8 @@ class Molmo(nn.Module):
         """
         mode = precision_mode(dtype)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device}: no CUDA device is available to this PyTorch build")
         folder = resolve_snapshot(path_or_id, revision=revision)
         model = cls.meta(MolmoConfig.from_hf(folder))
         load_weights(model, folder, dtype=torch.bfloat16 if mode == "bf16" else torch.float32, device=device)

@@ -20,7 +20,7 @@ def run(*args):
 
 def test_inspect_reports_7b_counts_from_config_alone():
     r = run("inspect", "--model", FACTS, "--json")
-    assert r.returncode == 0
+    assert r.returncode == 1  # the counts stand, but no weights could be checked
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["total_parameters"] == 8_021_025_280
     assert out["parameters"] == {"vision": 290_909_184, "connector": 114_040_832, "llm": 7_616_075_264}
@@ -37,6 +37,44 @@ def test_inspect_checks_weights_and_reports_problems(tmp_path, tiny_dir):
     r = run("inspect", "--model", d, "--json")
     out = json.loads(r.stdout.splitlines()[-1])
     assert r.returncode == 1 and out["weights"]["missing"][0].startswith("model.transformer.blocks.2.")
+
+
+@pytest.mark.parametrize("damage", ["nan", "truncate", "drop_shard", "header"])
+def test_inspect_exits_non_zero_whenever_weights_are_bad_or_unchecked(tmp_path, damage):
+    import shutil
+    import struct
+
+    from molmo.checkpoint import read_header
+    from molmo.config import MolmoConfig
+    from molmo.testing import write_random_checkpoint
+
+    d = write_random_checkpoint(tmp_path / "m", MolmoConfig.tiny(), max_shard_bytes=500_000)
+    shard = sorted(d.glob("model-*.safetensors"))[1]
+    if damage == "nan":
+        e = next(iter(read_header(shard).values()))
+        with open(shard, "r+b") as f:
+            f.seek(e.offset)
+            f.write(struct.pack("<f", float("nan")))
+    elif damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:-100])
+    elif damage == "drop_shard":
+        shard.unlink()
+    else:
+        shard.write_bytes(b"\xff" * 64)
+    r = run("inspect", "--model", d, "--json")
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert r.returncode == 1 and out["weights"]["ok" if out["weights"]["checked"] else "checked"] is False
+    if damage == "nan":
+        assert out["weights"]["non_finite"] == [e.name] and f"non-finite values: {e.name}" in r.stdout
+
+
+def test_point_checks_its_output_before_loading_the_model(tmp_path, text_model_dir):
+    img = tmp_path / "in.png"
+    Image.new("RGB", (20, 10)).save(img)
+    for out, message in ((tmp_path, "is a folder"), (tmp_path / "x.txt2", "unknown image extension"),
+                         (tmp_path / "no" / "x.png", "does not exist or is not writable"), (img, "is the input image")):
+        r = run("point", "--model", "/nonexistent/model", "--image", img, "--prompt", "p", "--out", out)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_generate_streams_text_and_ends_with_json(text_model_dir):

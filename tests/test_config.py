@@ -59,3 +59,16 @@ def test_missing_config_and_missing_key_raise_clearly(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not readable JSON"):
         MolmoConfig.from_hf(tmp_path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda raw: [raw], "must be a JSON object, got list"),
+    (lambda raw: {**raw, "num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0"),
+    (lambda raw: {**raw, "hidden_size": 64.5}, "hidden_size must be a positive integer, got 64.5"),
+    (lambda raw: {**raw, "num_hidden_layers": "2"}, "num_hidden_layers must be a positive integer, got '2'"),
+    (lambda raw: {**raw, "vision_backbone": {"image_num_heads": 0}}, "image_num_heads must be a positive integer"),
+])
+def test_malformed_config_values_name_the_file_and_key(tmp_path, edit, message):
+    (tmp_path / "config.json").write_text(json.dumps(edit(MolmoConfig.tiny().to_hf())))
+    with pytest.raises(ConfigError, match=f"config.json.*{message}"):
+        MolmoConfig.from_hf(tmp_path)

@@ -8,7 +8,7 @@ from molmo.checkpoint import CheckpointError, read_tensor, snapshot_tensors
 from molmo.convert import conv_to_linear, from_hf, linear_to_conv, to_dtype, to_hf
 from molmo.testing import write_random_checkpoint
 
-from conftest import TOKENIZER
+from conftest import ROOT, TOKENIZER
 
 
 def _all(folder):
@@ -82,3 +82,70 @@ def test_wrong_layout_folders_raise_one_clear_error(tmp_path, hf_pair):
     (tmp_path / "bin" / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="only pickled .bin weights"):
         from_hf(tmp_path / "bin", hf_pair[3], tmp_path / "o2", progress=False)
+
+
+def test_an_output_that_is_or_lies_inside_an_input_is_refused_before_writing(tmp_path, hf_pair):
+    _, _, clip_dir, qwen_dir, molmo_dir = hf_pair
+    before = {f: f.read_bytes() for f in qwen_dir.iterdir()}
+    for out in (qwen_dir, qwen_dir / "sub", clip_dir, qwen_dir.parent):
+        with pytest.raises(CheckpointError, match="is, contains or lies inside the input"):
+            from_hf(clip_dir, qwen_dir, out, progress=False, overwrite=True)
+    assert {f: f.read_bytes() for f in qwen_dir.iterdir()} == before
+    with pytest.raises(CheckpointError, match="is, contains or lies inside the input"):
+        to_dtype(molmo_dir, molmo_dir, torch.bfloat16, progress=False, overwrite=True)
+    with pytest.raises(CheckpointError, match="is, contains or lies inside the input"):
+        to_hf(molmo_dir, molmo_dir / "hf", progress=False)
+
+
+def test_an_existing_output_is_refused_unless_overwrite_which_replaces_it_whole(tmp_path, tiny_dir):
+    out = tmp_path / "out"
+    to_dtype(tiny_dir, out, torch.bfloat16, shard_bytes=100_000, progress=False)
+    assert (out / "model.safetensors.index.json").is_file()
+    with pytest.raises(CheckpointError, match="already exists and is not empty"):
+        to_dtype(tiny_dir, out, torch.float16, progress=False)
+    to_dtype(tiny_dir, out, torch.float16, progress=False, overwrite=True)  # one file now: no stale shards
+    assert sorted(f.name for f in out.iterdir() if "safetensors" in f.name) == ["model.safetensors"]
+    assert Molmo.from_pretrained(out, device="cpu").config == MolmoConfig.tiny()
+    assert [f.name for f in tmp_path.iterdir()] == ["out"]  # no temporary folders left
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGKILL"])
+def test_an_interrupted_conversion_leaves_no_output_or_the_previous_one(tmp_path, signal_name):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from molmo.checkpoint import write_snapshot
+    from molmo.loading import expected_tensors
+    from molmo.config import LLMConfig
+
+    big = MolmoConfig(vision=MolmoConfig.tiny().vision, llm=LLMConfig(hidden=1024, layers=16, heads=8, kv_heads=2,
+                                                                       intermediate=8192, vocab=4096))
+    src = tmp_path / "src"
+    shapes = expected_tensors(Molmo.meta(big))  # ~1 GB of zeros as sparse files: slow enough to interrupt
+    write_snapshot(src, [(n, s, torch.float32) for n, s in shapes.items()], None, max_shard_bytes=200 << 20)
+    (src / "config.json").write_text(__import__("json").dumps(big.to_hf()))
+    out = tmp_path / "out"
+    for previous in (False, True):
+        if previous:
+            out.mkdir()
+            (out / "keep.txt").write_text("the previous output")
+        script = ROOT / "scripts" / "convert_weights.py"
+        proc = subprocess.Popen([sys.executable, str(script), "to-dtype", "--model", str(src), "--out", str(out),
+                                 "--dtype", "bf16", "--no-progress", "--overwrite"], stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while not any(p.name.startswith(".out.partial") and any(p.glob("*.safetensors")) for p in tmp_path.iterdir()):
+            assert time.time() < deadline and proc.poll() is None, "the conversion ended before it could be interrupted"
+            time.sleep(0.01)
+        proc.send_signal(getattr(signal, signal_name))
+        err = proc.communicate(timeout=60)[1]
+        assert proc.returncode != 0
+        if signal_name == "SIGINT":
+            assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "interrupted" in err
+            assert not any(p.name.startswith(".out.partial") for p in tmp_path.iterdir())
+        if previous:
+            assert [f.name for f in out.iterdir()] == ["keep.txt"]
+        else:
+            assert not out.exists()

@@ -244,3 +244,35 @@ def test_unseeded_sampling_draws_from_torch_global_generator_without_reseeding_i
     torch.manual_seed(123)
     b = generate(tiny, ex, **kw).tokens
     assert torch.equal(a, b) and torch.equal(torch.rand(1), after)  # the global stream continues, not reseeded
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(temperature=float("nan")), "temperature must be a finite number"),
+    (dict(temperature=float("inf")), "temperature must be a finite number"),
+    (dict(max_new_tokens=2.5), "max_new_tokens must be an integer"),
+    (dict(max_new_tokens=True), "max_new_tokens must be an integer"),
+    (dict(seed=2**64), r"seed must be an integer in \[0, 2\*\*64\)"),
+    (dict(seed=-1), "seed must be an integer"),
+    (dict(stop_strings=""), "stop_strings must be non-empty strings"),
+    (dict(stop_strings=["ok", ""]), "stop_strings must be non-empty strings"),
+    (dict(top_p=float("nan")), r"top_p must lie in \(0, 1\]"),
+    (dict(top_k=1.5), "top_k must be an integer"),
+])
+def test_bad_generation_settings_get_one_clear_error(kw, message):
+    with pytest.raises(ValueError, match=message):
+        GenerationConfig(**kw)
+
+
+def test_no_stop_strings_and_the_largest_seed_are_accepted(tiny):
+    assert GenerationConfig(stop_strings=None).stop_strings == ()
+    out = generate(tiny, _example(), max_new_tokens=3, temperature=1.0, seed=2**64 - 1, stop_on_eos=False)
+    assert out.tokens.shape == (1, 3)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_non_finite_logits_stop_generation_naming_the_step(tiny_dir, temperature):
+    model = Molmo.from_pretrained(tiny_dir, device="cpu")
+    with torch.no_grad():
+        model.llm.blocks[0].mlp.down.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite logits \\(NaN or Inf\\) at new token 1"):
+        generate(model, _example(), max_new_tokens=12, temperature=temperature)

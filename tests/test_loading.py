@@ -84,8 +84,8 @@ def test_missing_tensor_is_named(tmp_path, tiny_dir):
 
 def test_unexpected_tensor_is_named(tmp_path, tiny_dir):
     d = _copy(tiny_dir, tmp_path / "m")
-    _rewrite_header(d / "model.safetensors", lambda h: h.update(
-        {"model.extra.weight": dict(h["model.transformer.ln_f.weight"])}))
+    _rewrite_header(d / "model.safetensors", lambda h: h.update(  # an empty tensor: no bytes, no overlap
+        {"model.extra.weight": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}))
     with pytest.raises(CheckpointError, match="unexpected tensor: model.extra.weight in model.safetensors"):
         Molmo.from_pretrained(d, device="cpu")
 
@@ -188,10 +188,63 @@ def test_hub_failure_is_one_line(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(CheckpointError, match="allenai/Nope: could not download from the hub"):
         Molmo.from_pretrained("allenai/Nope", device="cpu")
-    with pytest.raises(CheckpointError, match="not a model folder or a hub id"):
+    with pytest.raises(CheckpointError, match="no such folder"):
         Molmo.from_pretrained("./missing/folder", device="cpu")
 
 
 def test_golden_checkpoint_has_published_names_and_loads():
     model = Molmo.from_pretrained(GOLDEN / "model" / "checkpoint", device="cpu")
     assert model.config.vision.layers == 10
+
+
+def _set_tensor(path, name, value):
+    """Overwrite one fp32 tensor's first element in place."""
+    e = read_header(path)[name]
+    with open(path, "r+b") as f:
+        f.seek(e.offset)
+        f.write(struct.pack("<f", value))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, tiny_dir, value):
+    d = _copy(tiny_dir, tmp_path / "m")
+    name = "model.transformer.blocks.1.ff_out.weight"
+    _set_tensor(d / "model.safetensors", name, value)
+    with pytest.raises(CheckpointError, match=f"tensor {name} holds non-finite values"):
+        Molmo.from_pretrained(d, device="cpu")
+
+
+def test_index_of_wrong_types_or_leaving_the_folder_is_refused(tmp_path):
+    d = write_random_checkpoint(tmp_path / "m", MolmoConfig.tiny(), max_shard_bytes=500_000)
+    index = d / "model.safetensors.index.json"
+    good = json.loads(index.read_text())
+    for weight_map, message in (([1, 2], "weight_map must map tensor names"), ({"a": 3}, "weight_map must map"),
+                                ({"a": "../m/model-00001-of-00005.safetensors"}, "is not a file in the snapshot folder"),
+                                ({"a": "/etc/passwd"}, "is not a file in the snapshot folder")):
+        index.write_text(json.dumps({**good, "weight_map": weight_map}))
+        with pytest.raises(CheckpointError, match=message):
+            Molmo.from_pretrained(d, device="cpu")
+
+
+def test_overlapping_or_mistyped_data_offsets_are_refused(tmp_path, tiny_dir):
+    d = _copy(tiny_dir, tmp_path / "m")
+    a, b = "model.transformer.ln_f.weight", "model.transformer.blocks.0.attn_norm.weight"
+    _rewrite_header(d / "model.safetensors", lambda h: h[b].update(data_offsets=h[a]["data_offsets"]))
+    with pytest.raises(CheckpointError, match="overlap in the file"):
+        Molmo.from_pretrained(d, device="cpu")
+    d = _copy(tiny_dir, tmp_path / "n")
+    _rewrite_header(d / "model.safetensors", lambda h: h[a].update(data_offsets=["0", "256"]))
+    with pytest.raises(CheckpointError, match=f"tensor {a}: malformed header entry"):
+        Molmo.from_pretrained(d, device="cpu")
+
+
+def test_cuda_without_a_cuda_build_and_missing_local_paths_get_one_line(tmp_path, tiny_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device cuda: no CUDA device is available"):
+        Molmo.from_pretrained(tiny_dir, device="cuda")
+    (tmp_path / "models").mkdir()
+    for name in ("./nope", "a/b/c", str(tmp_path / "nope"), str(tmp_path / "models" / "x")):
+        with pytest.raises(CheckpointError, match="no such folder"):
+            Molmo.from_pretrained(name, device="cpu")
+    with pytest.raises(CheckpointError, match="not a folder"):
+        Molmo.from_pretrained(tiny_dir / "config.json", device="cpu")

@@ -36,12 +36,41 @@ def test_transparent_bright_image_goes_on_black_and_dark_on_white():
     assert (load_image(p) == 255).all()
 
 
-def test_exif_orientation_is_applied(tmp_path):
+def test_exif_orientation_is_applied_to_paths_and_pil_images_alike(tmp_path):
     img = Image.new("RGB", (40, 20), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 10, 10))  # a blue corner shows which way is up
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to view
-    img.save(tmp_path / "r.jpg", exif=exif)
-    assert load_image(tmp_path / "r.jpg").shape == (40, 20, 3)
+    img.save(tmp_path / "r.png", exif=exif)
+    from_path = load_image(tmp_path / "r.png")
+    assert from_path.shape == (40, 20, 3) and from_path[0, -1, 2] == 255  # blue corner now top right
+    with Image.open(tmp_path / "r.png") as opened:
+        assert np.array_equal(load_image(opened), from_path)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_16_bit_32_bit_and_float_images_are_scaled_by_their_full_range(tmp_path, mode):
+    ramp = np.linspace(0, 65535, 256 * 4).reshape(4, 256)
+    if mode == "I;16":
+        Image.fromarray(ramp.astype(np.uint16)).save(tmp_path / "d.png")  # a 16-bit PNG
+        out = load_image(tmp_path / "d.png")
+    elif mode == "I":
+        out = load_image(Image.fromarray(ramp.astype(np.int32)))
+    else:
+        out = load_image(Image.fromarray((ramp / 65535 * 7 - 2).astype(np.float32)))  # any range: min..max
+    want = np.round(ramp / 65535 * 255)
+    assert out.shape == (4, 256, 3) and np.abs(out[..., 0].astype(float) - want).max() <= 1
+    assert (out == 255).mean() < 0.01  # not whited out
+
+
+def test_urls_and_closed_images_get_one_clear_error(tmp_path):
+    with pytest.raises(ImageError, match="URLs are not fetched"):
+        load_image("https://example.com/cat.jpg")
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    img = Image.open(tmp_path / "a.png")
+    img.close()
+    with pytest.raises(ImageError, match="unusable image"):
+        load_image(img)
 
 
 def test_bad_inputs_each_raise_one_clear_error(tmp_path):

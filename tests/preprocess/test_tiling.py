@@ -115,3 +115,32 @@ def test_masks_are_real_pixel_fractions_shifted_by_one_crop():
 def test_bad_settings_raise_one_clear_error(kw, msg):
     with pytest.raises(ValueError, match=msg):
         ImageConfig().override(**kw)
+
+
+def test_huge_max_crops_is_refused_at_once_and_large_ones_choose_fast():
+    import time
+
+    from molmo.preprocess.tiling import MAX_CROPS, ImageConfig, select_tiling
+
+    t = time.perf_counter()
+    with pytest.raises(ValueError, match=f"max_crops must be an integer in \\[1, {MAX_CROPS}\\]"):
+        ImageConfig(max_crops=100_000)
+    got = select_tiling(50_000, 3_000, 224, MAX_CROPS)
+    assert time.perf_counter() - t < 1.0
+    # SPEC.md's rule, directly: candidates by (i * j, i); the least upscaling, else the least downscaling
+    cands = sorted(((i, j) for i in range(1, 257) for j in range(1, 257) if i * j <= 256), key=lambda c: (c[0] * c[1], c[0]))
+    scales = [min(np.float32(i * 224) / np.float32(50_000), np.float32(j * 224) / np.float32(3_000)) for i, j in cands]
+    up = [k for k, sc in enumerate(scales) if sc >= 1]
+    want = cands[min(up, key=lambda k: scales[k])] if up else cands[max(range(len(cands)), key=lambda k: scales[k])]
+    assert got == want
+
+
+def test_preprocessor_config_that_is_not_json_is_named(tmp_path):
+    from molmo.preprocess.tiling import ImageConfig
+
+    (tmp_path / "preprocessor_config.json").write_text("{oops")
+    with pytest.raises(ValueError, match="preprocessor_config.json: not a valid preprocessor config"):
+        ImageConfig.from_hf(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="preprocessor_config.json: not a valid preprocessor config"):
+        ImageConfig.from_hf(tmp_path)
