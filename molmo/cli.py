@@ -111,6 +111,8 @@ def _answer(a):
     for img in a.image:
         if not img.is_file():
             raise ValueError(f"{img}: no such image file")
+    cfg = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                           top_p=a.top_p, seed=a.seed, compile=a.compile)  # bad settings fail before the load
     t0 = time.perf_counter()
     folder = resolve_snapshot(a.model)
     config = MolmoConfig.from_hf(folder)  # cheap checks first: config, weight headers, tokenizer
@@ -120,8 +122,6 @@ def _answer(a):
     check_context(config, len(inputs["input_ids"]), a.max_new_tokens)  # before the (long) load
     model = Molmo.from_pretrained(folder, dtype=dtype, device=device)
     load_s = time.perf_counter() - t0
-    cfg = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                           top_p=a.top_p, seed=a.seed, compile=a.compile)
 
     def show(row, delta):
         sys.stdout.write(delta)

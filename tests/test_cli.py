@@ -101,6 +101,8 @@ def test_generate_sampling_flags_are_reproducible(text_model_dir):
     (["--image", "/no/such.png"], "/no/such.png: no such image file"),
     (["--dtype", "fp16"], "invalid choice: 'fp16'"),
     (["--max-new-tokens", "5000"], "exceeds the context of 4096 tokens"),
+    (["--temperature", "nan"], "temperature must be a finite number"),
+    (["--seed", str(2**70)], "seed must be an integer in [0, 2**64)"),
 ])
 def test_generate_bad_input_is_one_line_without_traceback(text_model_dir, extra, message):
     r = run("generate", "--model", text_model_dir, "--prompt", "x", *extra)
