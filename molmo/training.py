@@ -42,8 +42,10 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def add_lora(model: Molmo, rank: int, alpha: float | None = None, targets: Iterable[str] = LORA_TARGETS):
     """Wrap the model with peft LoRA adapters on `targets` (see LORA_TARGETS); the base is frozen."""
-    from peft import LoraConfig, get_peft_model
-
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError('LoRA needs peft: pip install -e ".[train]" (or pip install peft)') from None
     config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, target_modules=list(targets), lora_dropout=0.0)
     return get_peft_model(model, config)
 

@@ -76,6 +76,8 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if a.steps is not None and a.steps < 1 or a.epochs is not None and a.epochs <= 0:
         p.error("--steps and --epochs must be positive")
+    if a.fsdp and not a.full:
+        p.error("--fsdp trains all weights: add --full (LoRA adapters are not sharded)")
     return a
 
 
@@ -114,10 +116,14 @@ def main(argv=None) -> int:
     say = print if rank == 0 else (lambda *x, **k: None)
     try:
         folder = resolve_snapshot(a.model)
+        out = a.out.resolve()
+        if out == folder.resolve() or folder.resolve() in out.parents or out in folder.resolve().parents:
+            raise ValueError(f"--out {a.out}: is, contains or lies inside the model folder {folder}")
         processor = MolmoProcessor.from_pretrained(folder)
         model = Molmo.from_pretrained(folder, dtype=a.dtype, device=device)
         data = Dataset(a.data, processor, a.max_len or model.config.llm.max_position_embeddings, skip_bad=a.skip_bad)
         training.freeze(model, [p for p in a.freeze.split(",") if p])
+        plan = training.Plan(len(data), a.batch_size, a.grad_accum, a.seed, world, rank)
     except (CheckpointError, ConfigError, RecordError, FileNotFoundError, ValueError) as e:
         print(f"finetune.py: error: {e}", file=sys.stderr)
         return 2
@@ -126,18 +132,17 @@ def main(argv=None) -> int:
     model.train()
     model.set_gradient_checkpointing(a.gradient_checkpointing)
     if not a.full:
-        model = training.add_lora(model, a.lora_rank)
-    if a.fsdp:
-        if not a.full:
-            print("finetune.py: error: --fsdp trains all weights: add --full (LoRA adapters are not sharded)",
-                  file=sys.stderr)
+        try:
+            model = training.add_lora(model, a.lora_rank)
+        except ImportError as e:
+            print(f"finetune.py: error: {e}", file=sys.stderr)
             return 2
+    if a.fsdp:
         shard(model, device, world)
     params = training.trainable_parameters(model)
     if not params:
         print("finetune.py: error: nothing to train (every part frozen)", file=sys.stderr)
         return 2
-    plan = training.Plan(len(data), a.batch_size, a.grad_accum, a.seed, world, rank)
     steps = a.steps or max(1, math.ceil((a.epochs or 1) * len(data) / plan.records_per_step))
     optimizer = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay)
     scheduler = training.schedule(optimizer, a.warmup if a.warmup is not None else max(1, steps // 20), steps)

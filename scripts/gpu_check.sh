@@ -2,7 +2,9 @@
 # On a machine with a CUDA GPU: parity on CUDA in all three precision modes against the goldens,
 # then the full-size 7B-D benchmark (random weights, bf16): time to first token with a 13-crop image
 # and batch-1 decode speed against the HBM bound, eager CUDA graph and compiled decode step; then
-# parity again with the compiled step. Prints a short table last; about 2 minutes on an H200.
+# parity again with the compiled step; then one fine-tuning step of the 7B-D in bf16 (one 13-crop image,
+# a 256-token answer) with LoRA + activation checkpointing and with every weight: peak GPU memory and
+# step time. Prints a short table last; about 3 minutes on an H200.
 #
 #   bash scripts/gpu_check.sh [GOLDEN_DIR [TOKENIZER_DIR]]     (default: ../shared/golden, ../shared/tokenizer)
 set -uo pipefail
@@ -34,10 +36,17 @@ bench() {  # name, extra flags
   timeout 300 $PY scripts/bench.py --workload full --dtype bf16 --device cuda "$@" 2>&1 | tee "$OUT/$name.txt" | tail -n 3
 }
 
+train() {  # name, extra flags
+  local name=$1; shift
+  timeout 300 $PY scripts/bench.py --workload train --size full --device cuda --steps 3 "$@" 2>&1 | tee "$OUT/$name.txt" | tail -n 1
+}
+
 parity parity
 bench bench_full
 bench bench_full_compiled --compile
 parity parity_compiled --compile
+train train_lora --lora-rank 8 --gradient-checkpointing
+train train_full
 
 $PY - "$OUT" <<'PY'
 import json, sys
@@ -64,6 +73,10 @@ for name, label in (("bench_full", "eager + CUDA graph"), ("bench_full_compiled"
              ("  HBM bound (measured copy bandwidth)", f"{r.get('bandwidth_bound_tok_s', '?')} tok/s "
                                                        f"at {r.get('bandwidth_gb_s', '?')} GB/s"),
              ("  fraction of bound", f"{r.get('fraction_of_bound', '?')} (target >= 0.75)")]
+for name, label in (("train_lora", "LoRA r=8 + checkpointing (target: fits 24 GB)"), ("train_full", "all weights, AdamW")):
+    r = last(name)
+    rows += [(f"7B-D bf16 fine-tuning step, {label}",
+              f"{r.get('step_s', '?')} s, peak {r.get('peak_gb', '?')} GB (activations {r.get('activation_gb', '?')} GB)")]
 w = max(len(r[0]) for r in rows)
 print("\n" + "\n".join(f"{a:<{w}}  {b}" for a, b in rows))
 PY

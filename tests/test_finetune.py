@@ -117,3 +117,14 @@ def test_fsdp2_on_two_processes_equals_one_process_on_the_same_global_batch(text
     # Adam turns gradients that are zero in exact arithmetic (attention key biases) into full-size
     # steps of either sign, so compare the whole update rather than each element.
     assert update > 0 and diff <= 1e-3 * update, (diff, update)
+
+
+def test_output_over_the_model_and_lora_with_fsdp_are_refused_before_loading(text_model_dir, data, tmp_path, capsys):
+    before = (text_model_dir / "model.safetensors").stat().st_mtime_ns
+    for out in (text_model_dir, text_model_dir / "tuned"):
+        rc, err = run(capsys, "--model", text_model_dir, "--data", data, "--out", out, "--full", "--steps", 1)
+        assert rc == 2 and "lies inside the model folder" in err
+    assert (text_model_dir / "model.safetensors").stat().st_mtime_ns == before
+    with pytest.raises(SystemExit) as e:
+        finetune.main(["--model", str(text_model_dir), "--data", str(data), "--out", str(tmp_path / "o"), "--fsdp"])
+    assert e.value.code == 2 and "--fsdp trains all weights" in capsys.readouterr().err
