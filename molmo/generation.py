@@ -180,7 +180,7 @@ def token_steps(model, batch: dict, cfg: GenerationConfig) -> Iterator[torch.Ten
 
         graph = ids.device.type == "cuda" and cfg.temperature == 0 and cfg.max_new_tokens > 2
         for n in range(cfg.max_new_tokens):
-            if n % 8 == 0 or n == cfg.max_new_tokens - 1:  # a host sync every few steps, not every step
+            if n == 0 or n % 8 == 7 or n == cfg.max_new_tokens - 1:  # where the caller syncs anyway (_run)
                 _check_finite(finite, n)
             yield tok
             if n == cfg.max_new_tokens - 1:

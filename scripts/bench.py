@@ -376,7 +376,7 @@ def bench_train(a) -> dict:
     out = {"workload": "train", "size": a.size, "dtype": mode, "device": a.device, "lora_rank": a.lora_rank,
            "gradient_checkpointing": a.gradient_checkpointing, "batch": batch_size,
            "tokens_per_row": batch["input_ids"].shape[1], "crops_per_row": batch["images"].shape[1],
-           "loss": round(float(loss), 4), "step_s": round(statistics.median(times[1:] or times), 3),
+           "loss": round(float(loss.detach()), 4), "step_s": round(statistics.median(times[1:] or times), 3),
            "step_runs_s": [round(t, 3) for t in times], "weights_gb": round(weights_gb, 2),
            "grads_gb": round(grads_gb, 3), "optimizer_gb": round(optim_gb, 3)}
     # Activations, as the issue defines them: the peak of the timed forward and backward passes above the
