@@ -55,6 +55,10 @@ class LLMConfig:
     rope_theta: float = 1_000_000.0
     norm_eps: float = 1e-6
     max_position_embeddings: int = 4096
+    # The OLMo decoder of Molmo-7B-O sets these three the other way.
+    qkv_bias: bool = True
+    qk_norm: bool = False  # attention_layer_norm: RMSNorm over the whole q and k projections
+    norm_after: bool = False  # normalise each sublayer's output instead of its input
 
     @property
     def head_dim(self) -> int:
@@ -99,18 +103,35 @@ class MolmoConfig:
         """The published config.json keys (plus `vision_backbone` when the ViT is not CLIP-L)."""
         c = self.llm
         out = {"architectures": ["MolmoForCausalLM"], "model_type": "molmo", **_FIXED,
-               **{key: getattr(c, f) for f, key in MOLMO_KEYS.items()}, "vocab_size": c.vocab,
+               **{key: getattr(c, f) for f, key in MOLMO_KEYS.items()},
+               **{key: getattr(c, f) for f, key in MOLMO_FLAGS.items()}, "vocab_size": c.vocab,
                "initializer_range": 0.02, "torch_dtype": "float32", "use_cache": True}
         if self.vision != VisionConfig():
             out["vision_backbone"] = {key: getattr(self.vision, f) for key, f in _VISION_KEYS.items()}
         return out
 
-    def to_qwen2(self, dtype: str = "float32") -> dict:
-        """The decoder as transformers' Qwen2ForCausalLM config (its intermediate size is one half)."""
+    def decoder_kind(self) -> str:
+        """"qwen2" (7B-D, 72B) or "olmo2" (7B-O): the transformers class the decoder is."""
         c = self.llm
-        return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
-                **{key: getattr(c, f) for f, key in QWEN2_KEYS.items()}, "intermediate_size": c.mlp_hidden,
-                "tie_word_embeddings": False, "torch_dtype": dtype, "bos_token_id": 151643, "eos_token_id": 151643}
+        if (c.qkv_bias, c.qk_norm, c.norm_after) == (True, False, False):
+            return "qwen2"
+        if (c.qkv_bias, c.qk_norm, c.norm_after) == (False, True, True):
+            return "olmo2"
+        raise ConfigError(f"a decoder with qkv_bias={c.qkv_bias}, attention_layer_norm={c.qk_norm}, "
+                          f"norm_after={c.norm_after} is neither Qwen2 nor OLMo2: no transformers class to convert to")
+
+    def to_decoder(self, dtype: str = "float32") -> dict:
+        """The decoder as transformers' Qwen2ForCausalLM or Olmo2ForCausalLM config (intermediate size halved)."""
+        c = self.llm
+        kind = self.decoder_kind()
+        out = {"architectures": [{"qwen2": "Qwen2ForCausalLM", "olmo2": "Olmo2ForCausalLM"}[kind]], "model_type": kind,
+               "hidden_act": "silu", **{key: getattr(c, f) for f, key in DECODER_KEYS.items()},
+               "intermediate_size": c.mlp_hidden, "tie_word_embeddings": False, "torch_dtype": dtype}
+        if kind == "qwen2":
+            out |= {"bos_token_id": 151643, "eos_token_id": 151643}
+        else:
+            out |= {"attention_bias": False, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+        return out
 
     def to_clip(self, dtype: str = "float32") -> dict:
         """The ViT as transformers' CLIPVisionModel config, with Molmo's blocks (the CLIP block Molmo
@@ -121,8 +142,8 @@ class MolmoConfig:
                 "num_channels": 3, "torch_dtype": dtype}
 
     @classmethod
-    def from_clip_qwen2(cls, clip: dict, qwen2: dict) -> "MolmoConfig":
-        """A Molmo of a transformers CLIP (its last block dropped, as Molmo does) and Qwen2."""
+    def from_clip_decoder(cls, clip: dict, decoder: dict) -> "MolmoConfig":
+        """A Molmo of a transformers CLIP (its last block dropped, as Molmo does) and a Qwen2 or OLMo2."""
         c = clip.get("vision_config", clip)  # full CLIPModel configs nest it
         if c.get("image_size", 336) != 336 or c.get("patch_size", 14) != 14:
             raise ConfigError("the CLIP model must take 336 px images in 14 px patches")
@@ -131,12 +152,16 @@ class MolmoConfig:
         v = _read(VisionConfig, CLIP_KEYS, c, "CLIP config.json")
         v = replace(v, kv_heads=v.heads, head_dim=v.width // v.heads, layers=v.layers - 1,
                     num_pos=(v.image_size // v.patch_size) ** 2 + 1)
-        q = dict(qwen2)
+        q = dict(decoder)
+        kind = q.get("model_type", "qwen2")
+        if kind not in ("qwen2", "olmo2"):
+            raise ConfigError(f"decoder config.json: model_type {kind!r}; Molmo decoders are qwen2 (7B-D, 72B) or olmo2 (7B-O)")
         q.setdefault("num_key_value_heads", q.get("num_attention_heads"))
         q["rope_theta"] = q.get("rope_theta") or (q.get("rope_parameters") or {}).get("rope_theta", 1e6)
-        llm = _read(LLMConfig, QWEN2_KEYS, q, "Qwen2 config.json")
-        llm = replace(llm, intermediate=2 * llm.intermediate,
-                      max_position_embeddings=min(llm.max_position_embeddings, 4096))
+        llm = _read(LLMConfig, DECODER_KEYS, q, f"{kind} config.json")
+        olmo = kind == "olmo2"
+        llm = replace(llm, intermediate=2 * llm.intermediate, max_position_embeddings=min(llm.max_position_embeddings, 4096),
+                      qkv_bias=not olmo, qk_norm=olmo, norm_after=olmo)
         return cls(vision=v, llm=llm)
 
 
@@ -146,7 +171,8 @@ MOLMO_KEYS = {
     "kv_heads": "num_key_value_heads", "intermediate": "intermediate_size", "vocab": "embedding_size",
     "rope_theta": "rope_theta", "norm_eps": "layer_norm_eps", "max_position_embeddings": "max_position_embeddings",
 }
-QWEN2_KEYS = {**MOLMO_KEYS, "vocab": "vocab_size", "norm_eps": "rms_norm_eps"}
+MOLMO_FLAGS = {"qkv_bias": "qkv_bias", "qk_norm": "attention_layer_norm", "norm_after": "norm_after"}
+DECODER_KEYS = {**MOLMO_KEYS, "vocab": "vocab_size", "norm_eps": "rms_norm_eps"}  # Qwen2 and OLMo2 alike
 CLIP_KEYS = {"width": "hidden_size", "heads": "num_attention_heads", "layers": "num_hidden_layers",
              "mlp_dim": "intermediate_size", "norm_eps": "layer_norm_eps", "image_size": "image_size",
              "patch_size": "patch_size"}
@@ -171,10 +197,7 @@ def _read(cls, keys: dict, raw: dict, where: str):
 # Values a Molmo config.json may carry that would change the computation; we support one each.
 _FIXED = {
     "layer_norm_type": "rms",
-    "attention_layer_norm": False,
-    "norm_after": False,
     "clip_qkv": None,
-    "qkv_bias": True,
     "weight_tying": False,
     "tie_word_embeddings": False,
     "use_position_ids": True,
@@ -198,6 +221,13 @@ def _from_dict(raw: dict, where: str) -> MolmoConfig:
         if raw.get(key) is None:
             raise ConfigError(f"{where}: missing key {'vocab_size' if key == 'embedding_size' else key!r}")
     llm = _read(LLMConfig, MOLMO_KEYS, raw, where)
+    flags = {}
+    for f, key in MOLMO_FLAGS.items():
+        if key in raw:
+            if not isinstance(raw[key], bool):
+                raise ConfigError(f"{where}: {key} must be true or false, got {raw[key]!r}")
+            flags[f] = raw[key]
+    llm = replace(llm, **flags)
     vocab = llm.vocab
     if raw.get("vocab_size", vocab) > vocab:
         raise ConfigError(f"{where}: vocab_size {raw['vocab_size']} exceeds embedding_size {vocab}")

@@ -1,4 +1,5 @@
-"""Weight conversion: Molmo snapshots to another dtype, and to/from transformers' CLIP and Qwen2.
+"""Weight conversion: Molmo snapshots to another dtype, and to/from transformers' CLIP and the
+decoder's class: Qwen2 (7B-D, 72B) or OLMo2 (7B-O).
 
 Everything streams tensor by tensor (in chunks where no reshaping is needed), so memory stays
 near one tensor. Inputs are read with our safetensors reader; pickled `.bin` weights are refused.
@@ -18,7 +19,7 @@ from .checkpoint import (DTYPES, INDEX_FILE, CheckpointError, iter_chunks, read_
 from .config import MolmoConfig
 from .loading import check_tensors, expected_tensors
 from .model import Molmo
-from .names import CLIP, QWEN2, our_name, rename
+from .names import CLIP, OLMO2, QWEN2, our_name, rename
 
 SHARD_BYTES = 5 << 30
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
@@ -134,11 +135,14 @@ def to_dtype(model_dir: Path, out: Path, dtype: torch.dtype, shard_bytes: int = 
 
 # ---- transformers layouts ---------------------------------------------------------------------
 
-def hf_sources(published: str) -> tuple[str, tuple[str, ...]] | None:
-    """Where a published Molmo tensor comes from in transformers' layouts: ("clip" or "qwen2", the
-    tensors it stacks in row order), or None for what neither has (connector, new_embedding)."""
+DECODER_TABLES = {"qwen2": QWEN2, "olmo2": OLMO2}
+
+
+def hf_sources(published: str, decoder: str = "qwen2") -> tuple[str, tuple[str, ...]] | None:
+    """Where a published Molmo tensor comes from in transformers' layouts: ("clip" or the decoder's
+    kind, the tensors it stacks in row order), or None for what neither has (connector, new_embedding)."""
     ours = our_name(published)
-    for kind, table in (("clip", CLIP), ("qwen2", QWEN2)):
+    for kind, table in (("clip", CLIP), (decoder, DECODER_TABLES[decoder])):
         try:
             src = rename(ours, table)
         except KeyError:
@@ -156,19 +160,20 @@ def linear_to_conv(w: torch.Tensor, patch: int) -> torch.Tensor:
     return w.reshape(w.shape[0], patch, patch, 3).permute(0, 3, 1, 2).contiguous()
 
 
-def from_hf(clip_dir: Path, qwen_dir: Path, out: Path, seed: int = 0, progress: bool = True,
+def from_hf(clip_dir: Path, decoder_dir: Path, out: Path, seed: int = 0, progress: bool = True,
             overwrite: bool = False) -> MolmoConfig:
-    """A transformers CLIP ViT-L/14-336 and Qwen2 -> a Molmo snapshot to train from (fresh connector)."""
-    clip_dir, qwen_dir, out = Path(clip_dir), Path(qwen_dir), Path(out)
+    """A transformers CLIP ViT-L/14-336 and a Qwen2 or OLMo2 -> a Molmo snapshot to train from (fresh connector)."""
+    clip_dir, qwen_dir, out = Path(clip_dir), Path(decoder_dir), Path(out)
     check_output(out, [clip_dir, qwen_dir], overwrite)
-    config = MolmoConfig.from_clip_qwen2(_read_json(clip_dir / "config.json"), _read_json(qwen_dir / "config.json"))
-    clip, qwen = _tensors(clip_dir, "CLIP"), _tensors(qwen_dir, "Qwen2")
+    config = MolmoConfig.from_clip_decoder(_read_json(clip_dir / "config.json"), _read_json(qwen_dir / "config.json"))
+    kind = config.decoder_kind()
+    clip, qwen = _tensors(clip_dir, "CLIP"), _tensors(qwen_dir, kind)
     # Published CLIP snapshots say "vision_model.embeddings..."; transformers 5 saves "embeddings...".
     strip = "" if "vision_model.embeddings.class_embedding" in clip else "vision_model."
     shapes = expected_tensors(Molmo.meta(config))
     sources = {}  # published name -> (file entries, source names)
     for name in shapes:
-        found = hf_sources(name)
+        found = hf_sources(name, kind)
         if found is None:
             continue
         have, folder = (clip, clip_dir) if found[0] == "clip" else (qwen, qwen_dir)
@@ -201,21 +206,23 @@ def from_hf(clip_dir: Path, qwen_dir: Path, out: Path, seed: int = 0, progress: 
 
 
 def to_hf(model_dir: Path, out: Path, progress: bool = True, overwrite: bool = False) -> tuple[Path, Path]:
-    """A Molmo snapshot -> `out/qwen2` (Qwen2ForCausalLM) and `out/clip` (CLIPVisionModel)."""
+    """A Molmo snapshot -> `out/qwen2` (Qwen2ForCausalLM; 7B-D, 72B) or `out/olmo2` (Olmo2ForCausalLM; 7B-O),
+    and `out/clip` (CLIPVisionModel)."""
     model_dir, out = Path(model_dir), Path(out)
     config, entries = _molmo_snapshot(model_dir)
     check_output(out, [model_dir], overwrite)
     v, c = config.vision, config.llm
     if v.kv_heads != v.heads:
         raise CheckpointError(f"{model_dir}: a ViT with grouped key/value heads has no CLIP equivalent")
+    kind = config.decoder_kind()
     dtype = DTYPES[entries[LLM + "ln_f.weight"].dtype]
     bar = _progress(len(entries), "to-hf", progress)
 
-    # Qwen2: each fused Molmo tensor splits back into its parts, in row order.
+    # The decoder: each fused Molmo tensor splits back into its parts, in row order.
     qkv_rows = [c.heads * c.head_dim, c.kv_heads * c.head_dim, c.kv_heads * c.head_dim]
-    parts, vit = {}, {}  # qwen2 name -> (molmo name, rows before it, rows); clip name -> molmo name
+    parts, vit = {}, {}  # decoder name -> (molmo name, rows before it, rows); clip name -> molmo name
     for ours in entries:
-        found = hf_sources(ours)
+        found = hf_sources(ours, kind)
         if found is None or found[0] == "clip":
             if found is not None:
                 vit[found[1][0]] = ours
@@ -249,10 +256,10 @@ def to_hf(model_dir: Path, out: Path, progress: bool = True, overwrite: bool = F
     qwen2_specs = [(n, (rows, *entries[o].shape[1:]), dtype) for n, (o, _, rows) in parts.items()]
     dtype_name = str(dtype).removeprefix("torch.")
     with staged(out) as tmp:
-        write_snapshot(tmp / "qwen2", qwen2_specs, qwen2, SHARD_BYTES)
-        (tmp / "qwen2" / "config.json").write_text(json.dumps(config.to_qwen2(dtype_name), indent=2))
-        _copy_tokenizer(model_dir, tmp / "qwen2")
+        write_snapshot(tmp / kind, qwen2_specs, qwen2, SHARD_BYTES)
+        (tmp / kind / "config.json").write_text(json.dumps(config.to_decoder(dtype_name), indent=2))
+        _copy_tokenizer(model_dir, tmp / kind)
         write_snapshot(tmp / "clip", clip_specs, clip, SHARD_BYTES)
         (tmp / "clip" / "config.json").write_text(json.dumps(config.to_clip(dtype_name), indent=2))
     bar.close()
-    return out / "qwen2", out / "clip"
+    return out / kind, out / "clip"

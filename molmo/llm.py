@@ -91,15 +91,19 @@ class Attention(nn.Module):
     def __init__(self, c: LLMConfig):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = c.heads, c.kv_heads, c.head_dim
-        self.qkv = Linear(c.hidden, (c.heads + 2 * c.kv_heads) * c.head_dim, bias=True)
+        self.qkv = Linear(c.hidden, (c.heads + 2 * c.kv_heads) * c.head_dim, bias=c.qkv_bias)
         self.out = Linear(c.heads * c.head_dim, c.hidden, bias=False)
         self.cache: KVCache | None = None
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, hidden] -> [q | k | v] [B, T, (H + 2 KV) d]."""
+        return self.qkv(x)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 slots: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         H, KV, d = self.heads, self.kv_heads, self.head_dim
-        qkv = self.qkv(x).view(B, T, H + 2 * KV, d).transpose(1, 2)  # [B, H + 2 KV, T, d]
+        qkv = self.project(x).view(B, T, H + 2 * KV, d).transpose(1, 2)  # [B, H + 2 KV, T, d]
         qk = apply_rotary(qkv[:, : H + KV], cos, sin)  # queries and keys rotated together
         q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV :]
         if self.cache is not None:
@@ -108,6 +112,20 @@ class Attention(nn.Module):
             k, v = k[:, :, :S], v[:, :, :S]
         o = attend(q, k.to(q.dtype), v.to(q.dtype), mask)  # [B, H, T, d]
         return self.out(o.transpose(1, 2).reshape(B, T, -1))
+
+
+class QKNormAttention(Attention):
+    """7B-O's attention: RMSNorm over the whole q and the whole k projections, before rotary."""
+
+    def __init__(self, c: LLMConfig):
+        super().__init__(c)
+        self.q_norm = RMSNorm(c.heads * c.head_dim, c.norm_eps)
+        self.k_norm = RMSNorm(c.kv_heads * c.head_dim, c.norm_eps)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).split([self.q_norm.weight.shape[0], self.k_norm.weight.shape[0],
+                                     self.k_norm.weight.shape[0]], dim=-1)
+        return torch.cat([self.q_norm(q).to(q.dtype), self.k_norm(k).to(k.dtype), v], dim=-1)  # dtypes as projected
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -153,7 +171,7 @@ class Block(nn.Module):
     def __init__(self, c: LLMConfig):
         super().__init__()
         self.attn_norm = RMSNorm(c.hidden, c.norm_eps)
-        self.attn = Attention(c)
+        self.attn = (QKNormAttention if c.qk_norm else Attention)(c)
         self.mlp_norm = RMSNorm(c.hidden, c.norm_eps)
         self.mlp = MLP(c)
 
@@ -161,6 +179,15 @@ class Block(nn.Module):
                 slots: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, slots)
         return x + self.mlp(self.mlp_norm(x))
+
+
+class NormAfterBlock(Block):
+    """7B-O's block: each sublayer's output is normalised before the residual add."""
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                slots: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn_norm(self.attn(x, cos, sin, mask, slots))
+        return x + self.mlp_norm(self.mlp(x))
 
 
 class Embedding(nn.Module):
@@ -184,7 +211,8 @@ class Decoder(nn.Module):
         super().__init__()
         self.config = c
         self.embed = Embedding(c)
-        self.blocks = nn.ModuleList(Block(c) for _ in range(c.layers))
+        block = NormAfterBlock if c.norm_after else Block  # the block's shape is chosen here, once
+        self.blocks = nn.ModuleList(block(c) for _ in range(c.layers))
         self.norm = RMSNorm(c.hidden, c.norm_eps)
         self.lm_head = Linear(c.hidden, c.vocab, bias=False)
         self.gradient_checkpointing = False

@@ -1,7 +1,7 @@
-"""Checkpoint layouts: our parameter names against the published Molmo, CLIP and Qwen2 names.
+"""Checkpoint layouts: our parameter names against the published Molmo, CLIP, Qwen2 and OLMo2 names.
 
 Each table is a flat list of rows (ours, theirs): a row maps a name or a name prefix ("." at the
-end), "{i}" standing for a block number. In QWEN2 a fused tensor of ours lists the tensors it
+end), "{i}" standing for a block number. In QWEN2 and OLMO2 a fused tensor of ours lists the tensors it
 stacks, in row order. `rename` maps through a table either way; every reverse is derived.
 """
 from __future__ import annotations
@@ -28,6 +28,8 @@ MOLMO: list[Row] = [
     ("llm.blocks.{i}.attn_norm.", "model.transformer.blocks.{i}.attn_norm."),
     ("llm.blocks.{i}.attn.qkv.", "model.transformer.blocks.{i}.att_proj."),
     ("llm.blocks.{i}.attn.out.", "model.transformer.blocks.{i}.attn_out."),
+    ("llm.blocks.{i}.attn.q_norm.", "model.transformer.blocks.{i}.q_norm."),  # 7B-O
+    ("llm.blocks.{i}.attn.k_norm.", "model.transformer.blocks.{i}.k_norm."),
     ("llm.blocks.{i}.mlp_norm.", "model.transformer.blocks.{i}.ff_norm."),
     ("llm.blocks.{i}.mlp.up_gate.", "model.transformer.blocks.{i}.ff_proj."),
     ("llm.blocks.{i}.mlp.down.", "model.transformer.blocks.{i}.ff_out."),
@@ -61,6 +63,23 @@ QWEN2: list[Row] = [
     ("llm.blocks.{i}.mlp.down.", "model.layers.{i}.mlp.down_proj."),
     ("llm.blocks.{i}.attn_norm.", "model.layers.{i}.input_layernorm."),
     ("llm.blocks.{i}.mlp_norm.", "model.layers.{i}.post_attention_layernorm."),
+    ("llm.norm.", "model.norm."),
+    ("llm.lm_head.", "lm_head."),
+]
+
+
+# transformers' Olmo2ForCausalLM: the decoder of Molmo-7B-O (q/k norms, norms after each sublayer).
+OLMO2: list[Row] = [
+    ("llm.embed.base", "model.embed_tokens.weight"),
+    ("llm.blocks.{i}.attn.qkv.", ("model.layers.{i}.self_attn.q_proj.", "model.layers.{i}.self_attn.k_proj.",
+                                  "model.layers.{i}.self_attn.v_proj.")),
+    ("llm.blocks.{i}.attn.out.", "model.layers.{i}.self_attn.o_proj."),
+    ("llm.blocks.{i}.attn.q_norm.", "model.layers.{i}.self_attn.q_norm."),
+    ("llm.blocks.{i}.attn.k_norm.", "model.layers.{i}.self_attn.k_norm."),
+    ("llm.blocks.{i}.mlp.up_gate.", ("model.layers.{i}.mlp.up_proj.", "model.layers.{i}.mlp.gate_proj.")),
+    ("llm.blocks.{i}.mlp.down.", "model.layers.{i}.mlp.down_proj."),
+    ("llm.blocks.{i}.attn_norm.", "model.layers.{i}.post_attention_layernorm."),
+    ("llm.blocks.{i}.mlp_norm.", "model.layers.{i}.post_feedforward_layernorm."),
     ("llm.norm.", "model.norm."),
     ("llm.lm_head.", "lm_head."),
 ]

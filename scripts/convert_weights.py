@@ -2,8 +2,8 @@
 """Convert Molmo weights.
 
   to-dtype --model DIR --out DIR --dtype bf16|fp16     a Molmo snapshot in another dtype, sharded
-  from-hf  --clip DIR --qwen2 DIR --out DIR [--seed S]  CLIP ViT-L/14-336 + Qwen2 -> a Molmo to train from
-  to-hf    --model DIR --out DIR                        Molmo -> out/qwen2 (Qwen2ForCausalLM) + out/clip
+  from-hf  --clip DIR --decoder DIR --out DIR [--seed S]  CLIP ViT-L/14-336 + Qwen2 or OLMo2 -> a Molmo to train from
+  to-hf    --model DIR --out DIR                          Molmo -> out/qwen2 or out/olmo2 + out/clip
 """
 from __future__ import annotations
 
@@ -31,12 +31,14 @@ def main(argv=None) -> int:
     t.add_argument("--out", required=True, type=Path)
     t.add_argument("--dtype", required=True, choices=["bf16", "fp16"])
     t.add_argument("--shard-gb", type=float, default=5.0, help="largest shard size (GB)")
-    f = sub.add_parser("from-hf", help="CLIP (CLIPVisionModel or CLIPModel) + Qwen2 -> Molmo layout")
+    f = sub.add_parser("from-hf", help="CLIP (CLIPVisionModel or CLIPModel) + Qwen2 or OLMo2 -> Molmo layout")
     f.add_argument("--clip", required=True, type=Path)
-    f.add_argument("--qwen2", required=True, type=Path)
+    f.add_argument("--decoder", "--qwen2", dest="decoder", required=True, type=Path,
+                   help="a transformers Qwen2ForCausalLM (7B-D, 72B) or Olmo2ForCausalLM (7B-O) folder")
     f.add_argument("--out", required=True, type=Path)
     f.add_argument("--seed", type=int, default=0, help="seed of the freshly initialised connector")
-    h = sub.add_parser("to-hf", help="Molmo -> transformers Qwen2ForCausalLM and CLIPVisionModel folders")
+    h = sub.add_parser("to-hf", help="Molmo -> transformers CLIPVisionModel and Qwen2ForCausalLM (7B-D, 72B) "
+                                     "or Olmo2ForCausalLM (7B-O) folders")
     h.add_argument("--model", required=True, type=Path)
     h.add_argument("--out", required=True, type=Path)
     for s in (t, f, h):
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
                                      overwrite=a.overwrite)
             print(f"wrote {len(files)} shard(s) to {a.out}")
         elif a.command == "from-hf":
-            cfg = convert.from_hf(a.clip, a.qwen2, a.out, seed=a.seed, progress=progress, overwrite=a.overwrite)
+            cfg = convert.from_hf(a.clip, a.decoder, a.out, seed=a.seed, progress=progress, overwrite=a.overwrite)
             print(f"wrote a Molmo snapshot ({cfg.vision.layers} ViT blocks, {cfg.llm.layers} LLM blocks) to {a.out}")
         else:
             qdir, cdir = convert.to_hf(a.model, a.out, progress=progress, overwrite=a.overwrite)

@@ -11,6 +11,8 @@ from molmo.testing import write_random_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MOLMO_SHARED", ROOT.parent / "shared"))
 GOLDEN = SHARED / "golden"
+GOLDEN_7B_O = SHARED / "golden-7b-o"
+FACTS_7B_O = SHARED / "checkpoint-facts-7b-o"
 TOKENIZER = SHARED / "tokenizer"
 FACTS = SHARED / "checkpoint-facts"
 
@@ -79,3 +81,25 @@ def hf_pair(tmp_path_factory):
     qwen.save_pretrained(root / "qwen2")
     from_hf(root / "clip", root / "qwen2", root / "molmo", seed=0, progress=False)
     return clip, qwen, root / "clip", root / "qwen2", root / "molmo"
+
+
+@pytest.fixture(scope="session")
+def olmo_pair(tmp_path_factory, hf_pair):
+    """A tiny transformers Olmo2ForCausalLM (random; the decoder class of Molmo-7B-O) converted with
+    the CLIP of `hf_pair` by `convert.from_hf`: (olmo2 model, olmo2 dir, molmo dir)."""
+    transformers = pytest.importorskip("transformers")
+    from molmo.convert import from_hf
+
+    torch.manual_seed(1)
+    root = tmp_path_factory.mktemp("olmo")
+    olmo = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2,
+        vocab_size=384, rope_theta=5e5, rms_norm_eps=1e-6, max_position_embeddings=4096, tie_word_embeddings=False,
+        pad_token_id=None, bos_token_id=None, eos_token_id=None, attn_implementation="eager")).eval()
+    with torch.no_grad():
+        for name, p in olmo.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    olmo.save_pretrained(root / "olmo2")
+    from_hf(hf_pair[2], root / "olmo2", root / "molmo", seed=0, progress=False)
+    return olmo, root / "olmo2", root / "molmo"

@@ -38,9 +38,8 @@ def test_to_hf_round_trips_through_from_hf():
         assert MolmoConfig.from_hf(cfg.to_hf()) == cfg
 
 
-@pytest.mark.parametrize("key,value", [("layer_norm_type", "default"), ("norm_after", True),
-                                       ("attention_layer_norm", True), ("clip_qkv", 8.0),
-                                       ("weight_tying", True)])
+@pytest.mark.parametrize("key,value", [("layer_norm_type", "default"), ("clip_qkv", 8.0), ("weight_tying", True),
+                                       ("norm_after", "yes"), ("attention_layer_norm", 1), ("qkv_bias", None)])
 def test_unsupported_config_values_raise_naming_the_key(tmp_path, key, value):
     raw = MolmoConfig.tiny().to_hf() | {key: value}
     (tmp_path / "config.json").write_text(json.dumps(raw))
@@ -72,3 +71,24 @@ def test_malformed_config_values_name_the_file_and_key(tmp_path, edit, message):
     (tmp_path / "config.json").write_text(json.dumps(edit(MolmoConfig.tiny().to_hf())))
     with pytest.raises(ConfigError, match=f"config.json.*{message}"):
         MolmoConfig.from_hf(tmp_path)
+
+
+def test_7b_o_config_sets_the_olmo_decoder_options_and_has_its_published_size():
+    from conftest import FACTS_7B_O
+
+    cfg = MolmoConfig.from_hf(FACTS_7B_O)
+    c = cfg.llm
+    assert (c.qkv_bias, c.qk_norm, c.norm_after) == (False, True, True)
+    assert (c.hidden, c.layers, c.heads, c.kv_heads, c.vocab, c.rope_theta) == (4096, 32, 32, 32, 100352, 5e5)
+    assert parameter_counts(Molmo.meta(cfg))["total"] == 7_665_032_192
+    assert MolmoConfig.from_hf(cfg.to_hf()) == cfg
+    names = expected_tensors(Molmo.meta(cfg))
+    assert names["model.transformer.blocks.0.q_norm.weight"] == (4096,)
+    assert names["model.transformer.blocks.0.k_norm.weight"] == (4096,)
+    assert "model.transformer.blocks.0.att_proj.bias" not in names
+
+
+def test_72b_config_has_its_published_size():
+    from conftest import SHARED
+
+    assert parameter_counts(Molmo.meta(MolmoConfig.from_hf(SHARED / "checkpoint-facts-72b")))["total"] == 73_308_285_952

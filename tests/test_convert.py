@@ -149,3 +149,20 @@ def test_an_interrupted_conversion_leaves_no_output_or_the_previous_one(tmp_path
             assert [f.name for f in out.iterdir()] == ["keep.txt"]
         else:
             assert not out.exists()
+
+
+def test_7b_o_round_trips_through_olmo2_and_refuses_a_mixed_decoder(tmp_path, olmo_pair):
+    olmo, olmo_dir, molmo_dir = olmo_pair
+    ddir, cdir = to_hf(molmo_dir, tmp_path / "hf", progress=False)
+    assert ddir.name == "olmo2" and cdir.name == "clip"
+    import json
+    assert json.loads((ddir / "config.json").read_text())["architectures"] == ["Olmo2ForCausalLM"]
+    before, after = load_file(str(olmo_dir / "model.safetensors")), load_file(str(ddir / "model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    config = json.loads((molmo_dir / "config.json").read_text())
+    (tmp_path / "mixed").mkdir()
+    for f in molmo_dir.iterdir():
+        (tmp_path / "mixed" / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "mixed" / "config.json").write_text(json.dumps({**config, "norm_after": False}))
+    with pytest.raises(ValueError, match="neither Qwen2 nor OLMo2"):
+        to_hf(tmp_path / "mixed", tmp_path / "hf2", progress=False)

@@ -82,3 +82,17 @@ def test_setup_cache_leaves_the_state_dict_alone_and_clear_cache_removes_it():
     assert set(model.state_dict()) == keys and all(b.attn.cache.k.shape == (1, 2, 16, 16) for b in model.llm.blocks)
     model.llm.clear_cache()
     assert all(b.attn.cache is None for b in model.llm.blocks)
+
+
+def test_7b_o_decoder_matches_olmo2_for_causal_lm(olmo_pair):
+    """The OLMo decoder options (q/k norms over whole projections, norms after each sublayer, no qkv
+    bias, full multi-head attention) against transformers' Olmo2, which has exactly these."""
+    olmo, _, molmo_dir = olmo_pair
+    model = Molmo.from_pretrained(molmo_dir, device="cpu")
+    c = model.config.llm
+    assert (c.qkv_bias, c.qk_norm, c.norm_after, c.kv_heads) == (False, True, True, c.heads)
+    ids = torch.randint(0, 384, (2, 29))
+    padded = torch.cat([ids[:1, :20], torch.full((1, 9), -1)], 1)
+    with torch.no_grad():
+        assert rel(model(ids).logits, olmo(input_ids=ids).logits) <= 1e-5
+        assert rel(model(padded).logits[:, :20], olmo(input_ids=ids[:1, :20]).logits) <= 1e-5

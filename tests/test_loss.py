@@ -1,4 +1,6 @@
 """The training forward: both label conventions, the z-loss, the reference's goldens, bad labels."""
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,14 +11,17 @@ from molmo.config import MolmoConfig
 from molmo.names import published_name
 from molmo.testing import random_model
 
-from conftest import GOLDEN, golden_cases, rel
+from conftest import GOLDEN, GOLDEN_7B_O, rel
 
-TRAIN = golden_cases("train")
+# (golden folder, train case): 7B-D's decoder and 7B-O's (q/k norms, norm-after, no qkv bias)
+TRAIN = [(g, c) for g in (GOLDEN, GOLDEN_7B_O) for c in json.loads((g / "train" / "cases.json").read_text())]
+_MODELS = {}
 
 
-@pytest.fixture(scope="module")
-def golden_model():
-    return Molmo.from_pretrained(GOLDEN / "model" / "checkpoint", dtype="fp32", device="cpu")
+def golden_model_of(folder):
+    if folder not in _MODELS:
+        _MODELS[folder] = Molmo.from_pretrained(folder / "model" / "checkpoint", dtype="fp32", device="cpu")
+    return _MODELS[folder]
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +29,15 @@ def tiny():
     return random_model(MolmoConfig.tiny(), seed=3)
 
 
-def golden_inputs(name):
-    g = load_file(str(GOLDEN / "train" / f"{name}.safetensors"))
+def golden_inputs(name, folder=GOLDEN):
+    g = load_file(str(folder / "train" / f"{name}.safetensors"))
     return g, {k[6:]: v for k, v in g.items() if k.startswith("input.")}
 
 
-@pytest.mark.parametrize("case", TRAIN, ids=[c["name"] for c in TRAIN])
-def test_training_forward_matches_reference_loss_hidden_states_and_gradients(golden_model, case):
-    g, inp = golden_inputs(case["name"])
+@pytest.mark.parametrize("folder, case", TRAIN, ids=[f"{g.name}-{c['name']}" for g, c in TRAIN])
+def test_training_forward_matches_reference_loss_hidden_states_and_gradients(folder, case):
+    g, inp = golden_inputs(case["name"], folder)
+    golden_model = golden_model_of(folder)
     golden_model.zero_grad(set_to_none=True)
     out = golden_model(**inp, z_loss_scale=case["z_loss_scale"], output_hidden_states=True, return_logits=False)
     out.loss.backward()

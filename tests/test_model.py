@@ -65,3 +65,20 @@ def test_loaded_model_is_trainable_end_to_end(tiny_dir):
     torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).backward()
     for part in (model.vision.blocks[0].attn.wq.weight, model.connector.pool.wq.weight, model.llm.lm_head.weight):
         assert part.grad is not None and part.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("case", ["one_image", "text_only", "small_crops", "batch_right_padded"])
+def test_7b_o_decoder_matches_reference_logits_features_and_greedy_tokens(case):
+    from molmo.generation import generate
+
+    from conftest import GOLDEN_7B_O
+    model = Molmo.from_pretrained(GOLDEN_7B_O / "model" / "checkpoint", dtype="fp32", device="cpu")
+    g = load_file(str(GOLDEN_7B_O / "model" / f"{case}.safetensors"))
+    inp = {k[6:]: v for k, v in g.items() if k.startswith("input.")}
+    with torch.no_grad():
+        if "fp32.logits" in g:
+            assert rel(model(**inp).logits, g["fp32.logits"]) <= 1e-4
+        if "fp32.image_features" in g:
+            assert rel(model.image_features(inp["images"], inp["image_masks"]), g["fp32.image_features"]) <= 1e-4
+    out = generate(model, inp, max_new_tokens=g["fp32.generated"].shape[1], stop_on_eos=False)
+    assert torch.equal(out.tokens, g["fp32.generated"])

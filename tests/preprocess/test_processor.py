@@ -92,3 +92,26 @@ def test_several_images_never_share_a_token(processor, sizes, max_crops):
         mine = idx[crop:crop + n]
         assert mine[mine >= 0].min() > lo and mine[mine >= 0].max() < hi
         crop += n
+
+
+def test_special_ids_come_from_the_snapshot_tokenizer_not_qwen2(tmp_path):
+    """7B-O's tokenizer has other ids (<|endoftext|> = 100257, no BOS of its own): BOS is its EOS and the
+    image tokens are its own."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    words = ["User", ":", "Assistant", "hi", "Describe"]
+    hf = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", *words])}, unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["<|endoftext|>", "<im_start>", "<im_end>", "<im_patch>", "<im_col>", "<|image|>"]
+    hf.add_special_tokens(specials)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer(tmp_path)
+    ids = {s: hf.token_to_id(s) for s in specials}
+    assert ids["<|endoftext|>"] == 6 and tok.eos_id == tok.bos_id == 6
+    out = MolmoProcessor(tok).process(images=np.zeros((40, 60, 3), np.uint8), text="Describe")
+    seq = out["input_ids"].tolist()
+    assert seq[0] == ids["<|endoftext|>"] and seq[1] == ids["<im_start>"]
+    assert {ids["<im_patch>"], ids["<im_col>"], ids["<im_end>"]} <= set(seq)
+    assert not {151643, 152064, 152066} & set(seq)
+    assert (out["input_ids"][out["image_input_idx"][out["image_input_idx"] >= 0]] == ids["<im_patch>"]).all()
