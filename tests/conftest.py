@@ -1,3 +1,4 @@
+import functools
 import json
 import os
 from pathlib import Path
@@ -24,6 +25,14 @@ def pytest_configure(config):
     if missing:
         raise pytest.UsageError(f"{missing[0]} not found: the tests need the shared goldens, tokenizer and checkpoint "
                                 f"facts. Put this repository next to shared/, or set MOLMO_SHARED=/path/to/shared.")
+
+
+@functools.cache
+def golden_model(folder: Path):
+    """The tiny random-weight Molmo of a golden folder, fp32, loaded once per session."""
+    from molmo import Molmo
+
+    return Molmo.from_pretrained(folder / "model" / "checkpoint", dtype="fp32", device="cpu")
 
 
 def golden_cases(section: str) -> list[dict]:

@@ -41,7 +41,6 @@ def test_inspect_checks_weights_and_reports_problems(tmp_path, tiny_dir):
 
 @pytest.mark.parametrize("damage", ["nan", "truncate", "drop_shard", "header"])
 def test_inspect_exits_non_zero_whenever_weights_are_bad_or_unchecked(tmp_path, damage):
-    import shutil
     import struct
 
     from molmo.checkpoint import read_header

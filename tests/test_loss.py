@@ -6,22 +6,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from molmo import Molmo
 from molmo.config import MolmoConfig
 from molmo.names import published_name
 from molmo.testing import random_model
 
-from conftest import GOLDEN, GOLDEN_7B_O, rel
+from conftest import GOLDEN, GOLDEN_7B_O, golden_model, rel
 
 # (golden folder, train case): 7B-D's decoder and 7B-O's (q/k norms, norm-after, no qkv bias)
 TRAIN = [(g, c) for g in (GOLDEN, GOLDEN_7B_O) for c in json.loads((g / "train" / "cases.json").read_text())]
-_MODELS = {}
-
-
-def golden_model_of(folder):
-    if folder not in _MODELS:
-        _MODELS[folder] = Molmo.from_pretrained(folder / "model" / "checkpoint", dtype="fp32", device="cpu")
-    return _MODELS[folder]
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +29,18 @@ def golden_inputs(name, folder=GOLDEN):
 @pytest.mark.parametrize("folder, case", TRAIN, ids=[f"{g.name}-{c['name']}" for g, c in TRAIN])
 def test_training_forward_matches_reference_loss_hidden_states_and_gradients(folder, case):
     g, inp = golden_inputs(case["name"], folder)
-    golden_model = golden_model_of(folder)
-    golden_model.zero_grad(set_to_none=True)
-    out = golden_model(**inp, z_loss_scale=case["z_loss_scale"], output_hidden_states=True, return_logits=False)
+    model = golden_model(folder)
+    model.zero_grad(set_to_none=True)
+    out = model(**inp, z_loss_scale=case["z_loss_scale"], output_hidden_states=True, return_logits=False)
     out.loss.backward()
     assert rel(out.loss.detach(), g["fp32.loss"]) <= 1e-5
     assert rel(torch.stack(out.hidden_states).detach(), g["fp32.hidden_states"]) <= 1e-4
-    grads = {published_name(n): p.grad for n, p in golden_model.named_parameters() if p.grad is not None}
+    grads = {published_name(n): p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert {f"fp32.grad.{n}" for n in grads} == {k for k in g if k.startswith("fp32.grad.")}
     for name, grad in grads.items():
         ref = g[f"fp32.grad.{name}"]
         assert (grad - ref).norm() <= 1e-4 * ref.norm() + 1e-7 * case["grad_norm"], name
-    golden_model.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
 
 
 def test_hf_labels_equal_loss_masks_with_shifted_labels_and_unit_weights(tiny):

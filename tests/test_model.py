@@ -1,30 +1,39 @@
 """The whole model against the reference's recorded outputs (fp32) and its own invariants."""
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from molmo import Molmo
 
-from conftest import GOLDEN, golden_cases, rel
+from molmo.generation import generate
 
-CASES = golden_cases("model")
+from conftest import GOLDEN, GOLDEN_7B_O, rel
+from conftest import golden_model as model_of
+
+# 7B-D's decoder and 7B-O's (q/k norms, norm-after, no qkv bias): (golden folder, case)
+CASES = [(g, c["name"]) for g in (GOLDEN, GOLDEN_7B_O) for c in json.loads((g / "model" / "cases.json").read_text())]
 
 
 @pytest.fixture(scope="module")
 def golden_model():
-    return Molmo.from_pretrained(GOLDEN / "model" / "checkpoint", dtype="fp32", device="cpu")
+    return model_of(GOLDEN)
 
 
-@pytest.mark.parametrize("case", [c["name"] for c in CASES])
-def test_fp32_logits_and_image_features_match_reference(golden_model, case):
-    g = load_file(str(GOLDEN / "model" / f"{case}.safetensors"))
+@pytest.mark.parametrize("folder, case", CASES, ids=[f"{g.name}-{c}" for g, c in CASES])
+def test_fp32_logits_image_features_and_greedy_tokens_match_reference(folder, case):
+    model = model_of(folder)
+    g = load_file(str(folder / "model" / f"{case}.safetensors"))
     inp = {k[6:]: v for k, v in g.items() if k.startswith("input.")}
     with torch.no_grad():
         if "fp32.logits" in g:
-            assert rel(golden_model(**inp).logits, g["fp32.logits"]) <= 1e-4
+            assert rel(model(**inp).logits, g["fp32.logits"]) <= 1e-4
         if "fp32.image_features" in g:
-            feats = golden_model.image_features(inp["images"], inp["image_masks"])
+            feats = model.image_features(inp["images"], inp["image_masks"])
             assert rel(feats, g["fp32.image_features"]) <= 1e-4
+    out = generate(model, inp, max_new_tokens=g["fp32.generated"].shape[1], stop_on_eos=False)
+    assert torch.equal(out.tokens, g["fp32.generated"])
 
 
 def test_batch_rows_equal_single_rows_in_forward(golden_model):
@@ -66,19 +75,3 @@ def test_loaded_model_is_trainable_end_to_end(tiny_dir):
     for part in (model.vision.blocks[0].attn.wq.weight, model.connector.pool.wq.weight, model.llm.lm_head.weight):
         assert part.grad is not None and part.grad.abs().sum() > 0
 
-
-@pytest.mark.parametrize("case", ["one_image", "text_only", "small_crops", "batch_right_padded"])
-def test_7b_o_decoder_matches_reference_logits_features_and_greedy_tokens(case):
-    from molmo.generation import generate
-
-    from conftest import GOLDEN_7B_O
-    model = Molmo.from_pretrained(GOLDEN_7B_O / "model" / "checkpoint", dtype="fp32", device="cpu")
-    g = load_file(str(GOLDEN_7B_O / "model" / f"{case}.safetensors"))
-    inp = {k[6:]: v for k, v in g.items() if k.startswith("input.")}
-    with torch.no_grad():
-        if "fp32.logits" in g:
-            assert rel(model(**inp).logits, g["fp32.logits"]) <= 1e-4
-        if "fp32.image_features" in g:
-            assert rel(model.image_features(inp["images"], inp["image_masks"]), g["fp32.image_features"]) <= 1e-4
-    out = generate(model, inp, max_new_tokens=g["fp32.generated"].shape[1], stop_on_eos=False)
-    assert torch.equal(out.tokens, g["fp32.generated"])
