@@ -68,20 +68,13 @@ QWEN2: list[Row] = [
 ]
 
 
-# transformers' Olmo2ForCausalLM: the decoder of Molmo-7B-O (q/k norms, norms after each sublayer).
-OLMO2: list[Row] = [
-    ("llm.embed.base", "model.embed_tokens.weight"),
-    ("llm.blocks.{i}.attn.qkv.", ("model.layers.{i}.self_attn.q_proj.", "model.layers.{i}.self_attn.k_proj.",
-                                  "model.layers.{i}.self_attn.v_proj.")),
-    ("llm.blocks.{i}.attn.out.", "model.layers.{i}.self_attn.o_proj."),
+# transformers' Olmo2ForCausalLM, the decoder of Molmo-7B-O: Qwen2's names, its two norms applied to
+# the sublayers' outputs instead of their inputs, and norms over the whole q and k projections.
+_NORMS_AFTER = {"llm.blocks.{i}.attn_norm.": "model.layers.{i}.post_attention_layernorm.",
+                "llm.blocks.{i}.mlp_norm.": "model.layers.{i}.post_feedforward_layernorm."}
+OLMO2: list[Row] = [(ours, _NORMS_AFTER.get(ours, theirs)) for ours, theirs in QWEN2] + [
     ("llm.blocks.{i}.attn.q_norm.", "model.layers.{i}.self_attn.q_norm."),
     ("llm.blocks.{i}.attn.k_norm.", "model.layers.{i}.self_attn.k_norm."),
-    ("llm.blocks.{i}.mlp.up_gate.", ("model.layers.{i}.mlp.up_proj.", "model.layers.{i}.mlp.gate_proj.")),
-    ("llm.blocks.{i}.mlp.down.", "model.layers.{i}.mlp.down_proj."),
-    ("llm.blocks.{i}.attn_norm.", "model.layers.{i}.post_attention_layernorm."),
-    ("llm.blocks.{i}.mlp_norm.", "model.layers.{i}.post_feedforward_layernorm."),
-    ("llm.norm.", "model.norm."),
-    ("llm.lm_head.", "lm_head."),
 ]
 
 
