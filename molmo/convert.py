@@ -66,7 +66,8 @@ def _copy_tokenizer(src: Path, out: Path) -> None:
             shutil.copy2(src / f, out / f)
 
 
-def _copy_side_files(src: Path, out: Path) -> None:
+def copy_side_files(src: Path, out: Path) -> None:
+    """Every file of a snapshot but its weights and index: config, tokenizer, preprocessor, code."""
     for f in src.iterdir():
         if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name != INDEX_FILE:
             shutil.copy2(f, out / f.name)
@@ -124,7 +125,7 @@ def to_dtype(model_dir: Path, out: Path, dtype: torch.dtype, shard_bytes: int = 
 
     specs = [(n, e.shape, dtype) for n, e in entries.items()]
     with staged(out) as tmp:
-        _copy_side_files(model_dir, tmp)
+        copy_side_files(model_dir, tmp)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         try:
             files = write_snapshot(tmp, specs, produce, max_shard_bytes=shard_bytes)

@@ -164,10 +164,11 @@ def token_steps(model, batch: dict, cfg: GenerationConfig) -> Iterator[torch.Ten
         S = -(-S // CACHE_STEP) * CACHE_STEP
     positions, mask = positions_and_mask(ids, extra=S - L)  # one mask [B, 1, S, S]; each step takes a row
     sample = Sampler(cfg, ids.device)
-    finite = torch.ones(cfg.max_new_tokens, dtype=torch.bool, device=ids.device)  # step n's logits were finite
+    # finite[c]: the logits computed at cache column c (the prompt's last, L - 1, then each step's) were finite
+    finite = torch.ones(S, dtype=torch.bool, device=ids.device)
     with _lock(model), _kv_cache(model, B, S), _autocast_weights_kept():
         logits = prefill(model, inp, positions, mask)
-        finite[0] = logits.isfinite().all()
+        finite[L - 1] = logits.isfinite().all()
         tok = sample(logits)
         pos = n_real[:, None].clone()  # [B, 1]: new tokens continue each row's positions
         slot = torch.tensor([L], device=ids.device)  # the cache column the next token is written to
@@ -175,13 +176,13 @@ def token_steps(model, batch: dict, cfg: GenerationConfig) -> Iterator[torch.Ten
 
         def step(tok):
             logits = one(model, tok, pos, mask, slot)
-            finite.index_copy_(0, slot - L + 1, logits.isfinite().all().view(1))
+            finite.index_copy_(0, slot, logits.isfinite().all().view(1))
             return sample(logits)
 
         graph = ids.device.type == "cuda" and cfg.temperature == 0 and cfg.max_new_tokens > 2
         for n in range(cfg.max_new_tokens):
             if n == 0 or n % 8 == 7 or n == cfg.max_new_tokens - 1:  # where the caller syncs anyway (_run)
-                _check_finite(finite, n)
+                _check_finite(finite[L - 1:L + n])
             yield tok
             if n == cfg.max_new_tokens - 1:
                 break
@@ -192,9 +193,10 @@ def token_steps(model, batch: dict, cfg: GenerationConfig) -> Iterator[torch.Ten
             slot += 1
 
 
-def _check_finite(finite: torch.Tensor, n: int) -> None:
-    if not bool(finite[:n + 1].all()):
-        k = int((~finite[:n + 1]).nonzero()[0])
+def _check_finite(finite: torch.Tensor) -> None:
+    """finite [n]: whether the logits of new tokens 1..n were finite."""
+    if not bool(finite.all()):
+        k = int((~finite).nonzero()[0])
         raise ValueError(f"non-finite logits (NaN or Inf) at new token {k + 1}: the weights or the "
                                  "inputs hold non-finite values, or the precision overflowed")
 

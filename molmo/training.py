@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .data import Dataset, epoch_order
+from .data import epoch_order
 from .model import Molmo
 
 PARTS = ("vision", "connector", "llm")
@@ -233,7 +233,7 @@ def save_snapshot(model: Molmo, out: Path, source: Path, state: dict[str, torch.
     Everything is written to a temporary folder first, then moved in (the weights' index last);
     other folders in `out` (the training checkpoint) stay."""
     from .checkpoint import INDEX_FILE, write_snapshot
-    from .convert import WEIGHT_SUFFIXES
+    from .convert import SHARD_BYTES, copy_side_files
     from .names import published_name
 
     out, source = Path(out), Path(source)
@@ -243,10 +243,8 @@ def save_snapshot(model: Molmo, out: Path, source: Path, state: dict[str, torch.
     tmp.mkdir(parents=True)
     names = {published_name(n): t for n, t in state.items()}
     write_snapshot(tmp, [(n, tuple(t.shape), t.dtype) for n, t in names.items()], names.__getitem__,
-                   max_shard_bytes=5 << 30)
-    for f in source.iterdir():
-        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name != INDEX_FILE:
-            shutil.copy2(f, tmp / f.name)
+                   max_shard_bytes=SHARD_BYTES)
+    copy_side_files(source, tmp)
     config = json.loads((tmp / "config.json").read_text()) if (tmp / "config.json").is_file() else model.config.to_hf()
     config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -259,6 +257,6 @@ def save_snapshot(model: Molmo, out: Path, source: Path, state: dict[str, torch.
     return out
 
 
-__all__ = ["PARTS", "LORA_TARGETS", "Dataset", "Plan", "freeze", "trainable_parameters", "add_lora", "unwrap", "merged",
+__all__ = ["PARTS", "LORA_TARGETS", "Plan", "freeze", "trainable_parameters", "add_lora", "unwrap", "merged",
            "schedule", "train_step", "clip_and_step", "save_checkpoint", "load_checkpoint", "full_state",
            "save_snapshot"]

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from molmo import Molmo  # noqa: E402
 from molmo.checkpoint import CheckpointError  # noqa: E402
+from molmo.convert import check_output  # noqa: E402
 from molmo.config import ConfigError  # noqa: E402
 from molmo.data import Dataset, RecordError  # noqa: E402
 from molmo.hub import resolve_snapshot  # noqa: E402
@@ -116,9 +117,7 @@ def main(argv=None) -> int:
     say = print if rank == 0 else (lambda *x, **k: None)
     try:
         folder = resolve_snapshot(a.model)
-        out = a.out.resolve()
-        if out == folder.resolve() or folder.resolve() in out.parents or out in folder.resolve().parents:
-            raise ValueError(f"--out {a.out}: is, contains or lies inside the model folder {folder}")
+        check_output(a.out, [folder], overwrite=True)  # may exist (--resume), never over the model
         processor = MolmoProcessor.from_pretrained(folder)
         model = Molmo.from_pretrained(folder, dtype=a.dtype, device=device)
         data = Dataset(a.data, processor, a.max_len or model.config.llm.max_position_embeddings, skip_bad=a.skip_bad)

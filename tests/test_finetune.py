@@ -123,7 +123,7 @@ def test_output_over_the_model_and_lora_with_fsdp_are_refused_before_loading(tex
     before = (text_model_dir / "model.safetensors").stat().st_mtime_ns
     for out in (text_model_dir, text_model_dir / "tuned"):
         rc, err = run(capsys, "--model", text_model_dir, "--data", data, "--out", out, "--full", "--steps", 1)
-        assert rc == 2 and "lies inside the model folder" in err
+        assert rc == 2 and "is, contains or lies inside the input" in err
     assert (text_model_dir / "model.safetensors").stat().st_mtime_ns == before
     with pytest.raises(SystemExit) as e:
         finetune.main(["--model", str(text_model_dir), "--data", str(data), "--out", str(tmp_path / "o"), "--fsdp"])
