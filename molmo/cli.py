@@ -1,4 +1,4 @@
-"""Command line: `molmo inspect`, `molmo generate`, `molmo point` (also `python -m molmo`)."""
+"""Command line: `molmo inspect`, `molmo generate`, `molmo point`, `molmo batch` (also `python -m molmo`)."""
 from __future__ import annotations
 
 import argparse
@@ -25,11 +25,23 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="end with one JSON object")
 
     for name, helptext in (("generate", "answer a prompt about images, streaming the text"),
-                           ("point", "ask for points, draw them on the image")):
+                           ("point", "ask for points, draw them on the image"),
+                           ("batch", "a JSONL file or a folder of images through the model: resumable, "
+                                     "data-parallel under torchrun")):
         g = sub.add_parser(name, help=helptext)
         g.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or folder (default {DEFAULT_MODEL})")
-        g.add_argument("--image", action="append", default=[], type=Path, help="image file (repeatable)")
-        g.add_argument("--prompt", required=True)
+        if name == "batch":
+            g.add_argument("--input", required=True, type=Path,
+                           help='JSONL of {"id", "image": path | [paths] | null, "prompt"}, or a folder of images')
+            g.add_argument("--output", required=True, type=Path, help="JSONL of answers, in input order")
+            g.add_argument("--prompt", default=None, help="the prompt of records without one")
+            g.add_argument("--batch-size", type=int, default=8)
+            g.add_argument("--workers", type=int, default=2, help="threads preparing images")
+            g.add_argument("--resume", action="store_true", help="continue a job: skip the ids already written")
+            g.add_argument("--no-progress", action="store_true")
+        else:
+            g.add_argument("--image", action="append", default=[], type=Path, help="image file (repeatable)")
+            g.add_argument("--prompt", required=True)
         g.add_argument("--max-new-tokens", type=int, default=200)
         g.add_argument("--dtype", choices=["fp32", "autocast", "bf16"], default=None,
                        help="default: bf16 on CUDA, fp32 on CPU")
@@ -94,25 +106,36 @@ def _inspect(a) -> int:
     return rc
 
 
-def _answer(a):
+def _device_and_dtype(a, local_rank: int = 0) -> tuple[str, str]:
     import torch
-
-    from .checkpoint import snapshot_tensors
-    from .config import MolmoConfig
-    from .generation import GenerationConfig, check_context, generate
-    from .hub import resolve_snapshot
-    from .model import Molmo
-    from .preprocess import MolmoProcessor
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
     dtype = a.dtype or ("bf16" if device == "cuda" else "fp32")
+    return (f"cuda:{local_rank}" if device == "cuda" else device), dtype
+
+
+def _generation_config(a):
+    from .generation import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                            top_p=a.top_p, seed=a.seed, compile=a.compile)
+
+
+def _answer(a):
+    from .checkpoint import snapshot_tensors
+    from .config import MolmoConfig
+    from .generation import check_context, generate
+    from .hub import resolve_snapshot
+    from .model import Molmo
+    from .preprocess import MolmoProcessor
+
+    device, dtype = _device_and_dtype(a)
     for img in a.image:
         if not img.is_file():
             raise ValueError(f"{img}: no such image file")
-    cfg = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                           top_p=a.top_p, seed=a.seed, compile=a.compile)  # bad settings fail before the load
+    cfg = _generation_config(a)  # bad settings fail before the load
     t0 = time.perf_counter()
     folder = resolve_snapshot(a.model)
     config = MolmoConfig.from_hf(folder)  # cheap checks first: config, weight headers, tokenizer
@@ -178,10 +201,57 @@ def _point(a) -> int:
     return 0
 
 
+def _batch(a) -> int:
+    """One process, or one rank of torchrun: its share of the records, then rank 0 merges."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from .batch import check_output, merge, read_records, run_job
+    from .hub import resolve_snapshot
+    from .model import Molmo
+    from .preprocess import MolmoProcessor
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device, dtype = _device_and_dtype(a, int(os.environ.get("LOCAL_RANK", 0)))
+    if a.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {a.batch_size}")
+    cfg = _generation_config(a)
+    records = read_records(a.input, a.prompt)  # cheap checks before the (long) load
+    if a.output.resolve() == a.input.resolve():
+        raise ValueError(f"--output {a.output}: is the input; choose another file")
+    check_output(a.output, a.resume)
+    folder = resolve_snapshot(a.model)
+    processor = MolmoProcessor.from_pretrained(folder)
+    model = Molmo.from_pretrained(folder, dtype=dtype, device=device)
+    if world > 1:  # gloo only coordinates (the end of every rank's share); no tensors are exchanged
+        dist.init_process_group("gloo", timeout=timedelta(days=7))
+    try:
+        counts = run_job(model, processor, records, a.output, cfg, batch_size=a.batch_size, resume=a.resume,
+                         rank=rank, world=world, workers=a.workers, progress=not a.no_progress)
+        every = [counts]
+        if world > 1:
+            every = [None] * world
+            dist.all_gather_object(every, counts)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+    if rank == 0:
+        summary = merge(records, a.output)
+        seconds = max(c["seconds"] for c in every)
+        ran = sum(c["done"] + c["errors"] for c in every)
+        summary.update(resumed=sum(c["resumed"] for c in every), seconds=seconds,
+                       records_per_s=round(ran / seconds, 3) if seconds else 0.0)
+        print(f"{summary['written']} of {summary['records']} records written to {a.output}, "
+              f"{summary['errors']} with errors", file=sys.stderr)
+        print(json.dumps(summary))
+    return 0
+
+
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
     try:
-        return {"inspect": _inspect, "generate": _generate, "point": _point}[a.command](a)
+        return {"inspect": _inspect, "generate": _generate, "point": _point, "batch": _batch}[a.command](a)
     except (ValueError, OSError) as e:  # our errors name the file / tensor / size; one line, no traceback
         print(f"molmo: error: {e}", file=sys.stderr)
         return 2
