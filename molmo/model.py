@@ -109,10 +109,15 @@ class Molmo(nn.Module):
             return x
         if image_masks is None:
             image_masks = torch.ones(images.shape[:3], device=images.device)
+        rows = torch.arange(images.shape[0], device=images.device)[:, None].expand(images.shape[:2])  # [B, n]
+        if not torch.is_grad_enabled():  # inference: batch padding crops (no token of theirs) skip the ViT
+            real = (image_input_idx >= 0).any(-1)  # [B, n]; training runs every crop, as FSDP needs
+            images, image_masks, image_input_idx, rows = (
+                t[real][None] for t in (images, image_masks, image_input_idx, rows))  # [1, real crops, ...]
         feats = self.image_features(images, image_masks).flatten(1, 2)  # [B, n*144, hidden]
         idx = image_input_idx.flatten(1)  # [B, n*144]
         keep = idx >= 0
-        rows = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)
+        rows = rows[..., None].expand(*rows.shape, image_input_idx.shape[-1]).flatten(1)  # [B, n*144]
         return x.index_put((rows[keep], idx[keep]), feats[keep].to(x.dtype), accumulate=True)
 
     def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None = None,

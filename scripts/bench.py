@@ -14,6 +14,9 @@
                          forward and backward passes less the resting process (weights, optimizer
                          state) and the gradients; and the forward pass's peak over the resting state
                          --size full --lora-rank R: the 7B-D, one 13-crop image, a 256-token answer
+  --workload batch       the batch job (`molmo batch`) on the mid model: records/s at batch sizes 1, 4
+                         and 8 against `generate` called per record, same 16 records (one in four with
+                         a 640x480 image, max_crops 1), 32 new tokens greedy; and whether the answers agree
   --workload full        the full 7B-D with random weights (CUDA): batch-1 decode and time to first
                          token with a 13-crop image (--dtype bf16 by default)
 """
@@ -249,6 +252,47 @@ def _reference_mid(a, model, inputs, mode) -> dict:
     return {"measured_here": True, "prefill_s": round(first, 3), "decode_tok_s": round(127 / (full - first), 2)}
 
 
+def bench_batch(a) -> dict:
+    import tempfile
+
+    from PIL import Image
+
+    from molmo.batch import read_records, run_job
+    from molmo.generation import GenerationConfig, generate
+    from molmo.preprocess import ImageConfig, MolmoProcessor, Tokenizer
+    from molmo.testing import random_model
+
+    mode = a.dtype or "fp32"
+    model = random_model(MID, dtype=torch.bfloat16 if mode == "bf16" else torch.float32, device=a.device)
+    model.mode = mode
+    processor = MolmoProcessor(Tokenizer(a.tokenizer), ImageConfig(max_crops=1))
+    cfg = GenerationConfig(max_new_tokens=a.new_tokens or 32)
+    words = "the quick brown fox jumps over the lazy dog while a small cat watches".split()
+    folder = Path(tempfile.mkdtemp(prefix="molmo-bench-batch-"))
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(folder / "photo.png")
+    rows = [{"id": i, "image": "photo.png" if i % 4 == 0 else None,
+             "prompt": "Describe " + " ".join(words[:3 + (5 * i) % 11])} for i in range(16)]
+    (folder / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = read_records(folder / "in.jsonl")
+    generate(model, processor.process(text="warm up"), cfg, tokenizer=processor.tokenizer)
+
+    t = time.perf_counter()
+    alone = {r.id: generate(model, processor.process(images=r.images or None, text=r.prompt), cfg,
+                            tokenizer=processor.tokenizer).texts[0] for r in records}
+    base = len(records) / (time.perf_counter() - t)
+    out = {"workload": "batch", "dtype": mode, "device": a.device, "records": len(records),
+           "new_tokens": cfg.max_new_tokens, "generate_per_record_records_s": round(base, 3)}
+    for bs in (1, 4, 8):
+        path = folder / f"out-{bs}.jsonl"
+        counts = run_job(model, processor, records, path, cfg, batch_size=bs, progress=False)
+        rate = counts["records"] / counts["seconds"]
+        same = all(json.loads(x)["text"] == alone[json.loads(x)["id"]] for x in path.read_text().splitlines())
+        out[f"batch_{bs}"] = {"records_s": round(rate, 3), "speedup": round(rate / base, 2), "same_answers": same}
+    shutil.rmtree(folder)
+    return out
+
+
 def bench_full(a) -> dict:
     from molmo.generation import generate
     from molmo.testing import random_model
@@ -259,7 +303,7 @@ def bench_full(a) -> dict:
     model.mode = mode
     inputs = _image_inputs(1080, 1920, 12, 12)  # 1 global + 12 crops
     n_crops = inputs["images"].shape[0]
-    timings = _decode_bench(model, inputs, a.new_tokens, device, a.compile)
+    timings = _decode_bench(model, inputs, a.new_tokens or 128, device, a.compile)
     ttft = [generate(model, inputs, max_new_tokens=1).timings["prefill_s"] for _ in range(5)]
     images, masks = (inputs[k][None].to(device) for k in ("images", "image_masks"))
     vision = []
@@ -278,7 +322,7 @@ def bench_full(a) -> dict:
             "prompt_tokens": len(inputs["input_ids"]), "ttft_s": round(statistics.median(ttft), 4),
             "ttft_runs_s": [round(t, 4) for t in ttft], "vision_connector_s": round(statistics.median(vision), 4),
             "decode_tok_s": round(rate, 1), "decode_tok_s_with_setup": round(timings["tokens_per_s"], 1),
-            "new_tokens": a.new_tokens, "weight_gb_per_token": round(per_token / 1e9, 2),
+            "new_tokens": a.new_tokens or 128, "weight_gb_per_token": round(per_token / 1e9, 2),
             "bandwidth_gb_s": round(hbm, 1), "bandwidth_bound_tok_s": round(bound, 1),
             "fraction_of_bound": round(rate / bound, 3)}
 
@@ -390,12 +434,14 @@ def bench_train(a) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", required=True, choices=["load", "convert", "preprocess", "mid", "full", "train"])
+    p.add_argument("--workload", required=True, choices=["load", "convert", "preprocess", "mid", "full", "train", "batch"])
     p.add_argument("--dtype", choices=["fp32", "autocast", "bf16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dir", default="/tmp/molmo-bench-7b", help="where the synthetic 7B checkpoint lives")
     p.add_argument("--repeat", type=int, default=7)
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=None, help="mid, full: 128 by default; batch: 32")
+    p.add_argument("--tokenizer", default=str(Path(__file__).resolve().parents[2] / "shared" / "tokenizer"),
+                   help="batch: folder of tokenizer.json")
     p.add_argument("--compile", action="store_true", help="mid, full: torch.compile the decode step")
     p.add_argument("--hbm-gb-s", type=float, default=None, help="bandwidth for the bound (default: measured copy)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="train: activation checkpointing")
@@ -405,7 +451,7 @@ def main(argv=None) -> int:
     p.add_argument("--reference-code", help="mid: also time the official code (folder of its .py files)")
     a = p.parse_args(argv)
     fn = {"load": bench_load, "convert": bench_convert, "preprocess": bench_preprocess, "mid": bench_mid,
-          "full": bench_full, "train": bench_train}[a.workload]
+          "full": bench_full, "train": bench_train, "batch": bench_batch}[a.workload]
     result = fn(a)
     print(json.dumps(result))
     return 0

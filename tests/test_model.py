@@ -49,6 +49,23 @@ def test_batch_rows_equal_single_rows_in_forward(golden_model):
             assert rel(batch[b, :n], one[0]) < 1e-5
 
 
+def test_padding_crops_skip_the_vit_at_inference_and_run_under_grad_with_the_same_logits(golden_model):
+    g = load_file(str(GOLDEN / "model" / "batch_right_padded.safetensors"))
+    inp = {k[6:]: v for k, v in g.items() if k.startswith("input.")}
+    real = int((inp["image_input_idx"] != -1).any(-1).sum())
+    assert real < inp["images"].shape[:2].numel()  # the case has padding crops
+    seen = []
+    hook = golden_model.vision.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            skipped = golden_model(**inp).logits
+        every = golden_model(**inp).logits.detach()
+    finally:
+        hook.remove()
+    assert seen == [real, inp["images"].shape[:2].numel()]
+    assert torch.equal(skipped, every) or rel(skipped, every) < 1e-6
+
+
 def test_all_minus_one_crop_gives_zero_vision_features(golden_model):
     crops = torch.randn(2, 576, 588)
     crops[1] = -1

@@ -1,0 +1,136 @@
+"""Weight-only quantization of the decoder's linear layers: int8 and int4, on PyTorch's own kernels.
+
+- int8: one scale per output channel, w ~ q * scale (q in -127..127).
+- int4: groups of GROUP_SIZE inputs per output channel, w ~ (q - 8) * scale + zero (q in 0..15),
+  PyTorch's packed int4 layout (its `_weight_int4pack_mm` kernels).
+Stored in a snapshot device-independently (`X.weight` int8 [out, in], or uint8 [out, in/2] with two
+4-bit values per byte, the low nibble first; `X.weight_scale`, `X.weight_zero` [out, in/group] for
+int4), with `quantization_config` in config.json naming the scheme; packed for the kernel when loaded.
+Embeddings, norms, biases, the ViT and the connector keep the model's dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SCHEMES = ("int8", "int4")
+GROUP_SIZE = 128  # int4: inputs sharing a scale and zero
+QUANT_METHOD = "molmo"  # config.json's quantization_config.quant_method: other readers refuse it by name
+
+
+def check_scheme(scheme: str | None) -> str | None:
+    if scheme is not None and scheme not in SCHEMES:
+        raise ValueError(f"quantize must be one of {', '.join(SCHEMES)} (or None), got {scheme!r}")
+    return scheme
+
+
+def quantize_int8(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """w [out, in] float -> {"weight": int8 [out, in], "weight_scale": fp32 [out]}."""
+    w = w.float()
+    scale = w.abs().amax(1).clamp(min=1e-12) / 127
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return {"weight": q, "weight_scale": scale}
+
+
+def quantize_int4(w: torch.Tensor, group: int = GROUP_SIZE) -> dict[str, torch.Tensor]:
+    """w [out, in] float -> {"weight": uint8 [out, in/2] (two 4-bit values per byte, low first),
+    "weight_scale", "weight_zero": fp32 [out, in/group]}: w ~ (q - 8) * scale + zero, per group."""
+    out_f, in_f = w.shape
+    g = w.float().reshape(out_f, in_f // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    zero = lo + 8 * scale  # the value of q = 8
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).reshape(out_f, in_f)
+    return {"weight": q[:, 0::2] | (q[:, 1::2] << 4), "weight_scale": scale, "weight_zero": zero}
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [out, in/2] -> the 4-bit values, uint8 [out, in]."""
+    return torch.stack([packed & 15, packed >> 4], -1).flatten(-2)
+
+
+def dequantize(scheme: str, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The float weight [out, in] (fp32) a quantized one stands for."""
+    if scheme == "int8":
+        return t["weight"].float() * t["weight_scale"][:, None]
+    q = unpack_int4(t["weight"]).float()
+    out_f, in_f = q.shape
+    groups = t["weight_scale"].shape[1]
+    q = q.reshape(out_f, groups, in_f // groups)
+    return ((q - 8) * t["weight_scale"][..., None] + t["weight_zero"][..., None]).reshape(out_f, in_f)
+
+
+def stored_shapes(scheme: str, out_f: int, in_f: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Suffix ("weight", ...) -> (shape, safetensors dtype) of one quantized layer in a snapshot."""
+    if scheme == "int8":
+        return {"weight": ((out_f, in_f), "I8"), "weight_scale": ((out_f,), "F32")}
+    groups = in_f // GROUP_SIZE
+    return {"weight": ((out_f, in_f // 2), "U8"), "weight_scale": ((out_f, groups), "F32"),
+            "weight_zero": ((out_f, groups), "F32")}
+
+
+class QuantLinear(nn.Module):
+    """A linear layer with quantized weights: x [..., in] (bf16 or fp32) -> [..., out] in x's dtype."""
+
+    def __init__(self, scheme: str, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        if scheme == "int4" and in_features % GROUP_SIZE:
+            raise ValueError(f"int4 needs input sizes divisible by {GROUP_SIZE}, got a layer of {in_features}")
+        self.scheme, self.in_features, self.out_features = scheme, in_features, out_features
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        for name, (shape, _) in stored_shapes(scheme, out_features, in_features).items():
+            self.register_buffer(name, torch.empty(shape, dtype=torch.float32))  # filled by `set_weights`
+        self.packed = None  # the kernel's layout, made by `set_weights`
+
+    def set_weights(self, stored: dict[str, torch.Tensor]) -> None:
+        """Take the stored form (see the module docstring) and pack it for this device's kernel."""
+        for name, t in stored.items():
+            setattr(self, name, t)
+        if self.scheme == "int8":
+            return
+        scale_zero = torch.stack([self.weight_scale, self.weight_zero], -1).transpose(0, 1).contiguous()
+        if self.weight.is_cuda:  # [groups, out, 2] in x's dtype, and tinygemm's tiled layout
+            self.packed = (torch._convert_weight_to_int4pack(self.weight, 8), scale_zero.to(torch.bfloat16))
+        else:
+            self.packed = (torch._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight).int(), 1), scale_zero)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # [N, in]
+        if self.scheme == "int8":
+            if x.is_cuda:  # the per-channel scale factors out of the product
+                y = F.linear(x2, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
+            else:
+                y = torch._weight_int8pack_mm(x2, self.weight, self.weight_scale.to(x.dtype))
+        else:
+            packed, scale_zero = self.packed
+            if x.is_cuda:
+                y = torch._weight_int4pack_mm(x2.to(torch.bfloat16), packed, GROUP_SIZE, scale_zero).to(x.dtype)
+            else:
+                y = torch._weight_int4pack_mm_for_cpu(x2, packed, GROUP_SIZE, scale_zero.to(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def quantizable(model: nn.Module) -> list[str]:
+    """Names of the decoder's linear layers that quantization replaces (blocks and lm_head)."""
+    return [n for n, m in model.named_modules()
+            if n.startswith("llm.") and isinstance(m, nn.Linear) and not n.startswith("llm.embed")]
+
+
+def replace_linears(model: nn.Module, scheme: str) -> list[str]:
+    """Swap the decoder's linear layers of a meta-device model for QuantLinear; -> their names."""
+    names = quantizable(model)
+    for name in names:
+        old = model.get_submodule(name)
+        parent, _, attr = name.rpartition(".")
+        with torch.device("meta"):
+            new = QuantLinear(scheme, old.in_features, old.out_features, old.bias is not None)
+        setattr(model.get_submodule(parent), attr, new)
+    return names
+
+
+def quantize_tensor(scheme: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    return quantize_int8(w) if scheme == "int8" else quantize_int4(w)
