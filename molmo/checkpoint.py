@@ -17,7 +17,8 @@ from typing import Callable, Iterable
 import torch
 
 CHUNK_BYTES = 64 << 20
-DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+DTYPES = {**FLOATS, "I8": torch.int8, "U8": torch.uint8}  # the integers: quantized weights (molmo.quant)
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
         g.add_argument("--dtype", choices=["fp32", "autocast", "bf16"], default=None,
                        help="default: bf16 on CUDA, fp32 on CPU")
         g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+        g.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                       help="the decoder's linear layers quantized while loading (weight-only)")
         g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
         g.add_argument("--top-p", type=float, default=None)
         g.add_argument("--top-k", type=int, default=None)
@@ -59,14 +61,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _inspect(a) -> int:
-    from .checkpoint import DTYPES, nonfinite, snapshot_tensors
+    from .checkpoint import FLOATS, nonfinite, snapshot_tensors
     from .config import MolmoConfig
-    from .loading import check_tensors, expected_tensors, parameter_counts
+    from .loading import check_tensors, expected_tensors, parameter_counts, quantized_dtypes
     from .model import Molmo
+    from .quant import GROUP_SIZE, replace_linears, snapshot_scheme
 
     config = MolmoConfig.from_hf(a.model)
     meta = Molmo.meta(config)
     counts = parameter_counts(meta)
+    scheme = snapshot_scheme(json.loads((a.model / "config.json").read_text()), a.model / "config.json")
+    if scheme:
+        replace_linears(meta, scheme)
     v, c = config.vision, config.llm
     print(f"Molmo at {a.model}")
     print(f"  vision     ViT {v.layers} blocks, width {v.width}, {v.heads} heads x {v.head_dim}, MLP {v.mlp_dim}, "
@@ -77,12 +83,17 @@ def _inspect(a) -> int:
     for part in ("vision", "connector", "llm", "total"):
         print(f"  {part:<10} {counts[part]:>15,} parameters")
     result = {"model": str(a.model), "total_parameters": counts["total"],
-              "parameters": {k: counts[k] for k in ("vision", "connector", "llm")}, "weights": None}
+              "parameters": {k: counts[k] for k in ("vision", "connector", "llm")}, "weights": None,
+              "quantization": scheme}
+    if scheme:
+        print(f"  quantized  {scheme}: the decoder's linear layers (blocks, lm_head), weight-only"
+              + (f", groups of {GROUP_SIZE} inputs" if scheme == "int4" else ", one scale per output channel"))
     rc = 0
     try:
         entries = snapshot_tensors(a.model)
-        r = check_tensors(expected_tensors(meta), entries)
-        bad_values = nonfinite(e for e in entries.values() if e.dtype in DTYPES) if r.ok else []
+        r = check_tensors(expected_tensors(meta, scheme is not None), entries,
+                          quantized_dtypes(meta) if scheme else None)
+        bad_values = nonfinite(e for e in entries.values() if e.dtype in FLOATS) if r.ok else []
     except (ValueError, OSError) as e:  # no weights, or unreadable ones: the config summary still stands
         print(f"  weights    not checked: {e}")
         result["weights"] = {"checked": False, "reason": str(e)}
@@ -90,14 +101,16 @@ def _inspect(a) -> int:
     else:
         ok = r.ok and not bad_values
         dtypes = sorted({e.dtype for e in entries.values()})
+        size_gb = sum(e.nbytes for e in entries.values()) / 1e9
         print(f"  weights    {len(entries)} tensors in {len({e.file for e in entries.values()})} file(s), "
-              f"dtype {'/'.join(dtypes)}: {'all names, shapes, dtypes and values good' if ok else 'PROBLEMS'}")
+              f"{size_gb:.3f} GB, dtype {'/'.join(dtypes)}: {'all names, shapes, dtypes and values good' if ok else 'PROBLEMS'}")
         for kind in ("missing", "unexpected", "wrong_shape", "wrong_dtype"):
             for item in getattr(r, kind):
                 print(f"    {kind.replace('_', ' ')}: {item}")
         for name in bad_values:
             print(f"    non-finite values: {name}")
         result["weights"] = {"checked": True, "ok": ok, "tensors": len(entries), "dtypes": dtypes,
+                             "size_gb": round(size_gb, 3),
                              "missing": r.missing, "unexpected": r.unexpected, "wrong_shape": r.wrong_shape,
                              "wrong_dtype": r.wrong_dtype, "non_finite": bad_values}
         rc = 0 if ok else 1
@@ -143,7 +156,7 @@ def _answer(a):
     processor = MolmoProcessor.from_pretrained(folder)
     inputs = processor.process(images=a.image or None, text=a.prompt)
     check_context(config, len(inputs["input_ids"]), a.max_new_tokens)  # before the (long) load
-    model = Molmo.from_pretrained(folder, dtype=dtype, device=device)
+    model = Molmo.from_pretrained(folder, dtype=dtype, device=device, quantize=a.quantize)
     load_s = time.perf_counter() - t0
 
     def show(row, delta):
@@ -223,7 +236,7 @@ def _batch(a) -> int:
     check_output(a.output, a.resume)
     folder = resolve_snapshot(a.model)
     processor = MolmoProcessor.from_pretrained(folder)
-    model = Molmo.from_pretrained(folder, dtype=dtype, device=device)
+    model = Molmo.from_pretrained(folder, dtype=dtype, device=device, quantize=a.quantize)
     if world > 1:  # gloo only coordinates (the end of every rank's share); no tensors are exchanged
         dist.init_process_group("gloo", timeout=timedelta(days=7))
     try:

@@ -17,9 +17,10 @@ import torch
 from .checkpoint import (DTYPES, INDEX_FILE, CheckpointError, iter_chunks, read_tensor, snapshot_tensors,
                          write_snapshot)
 from .config import MolmoConfig
-from .loading import check_tensors, expected_tensors
+from .loading import check_tensors, expected_tensors, quantize_rows, quantized_dtypes
 from .model import Molmo
 from .names import CLIP, OLMO2, QWEN2, our_name, rename
+from .quant import check_scheme, quantization_config, replace_linears, snapshot_scheme
 
 SHARD_BYTES = 5 << 30
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
@@ -50,6 +51,9 @@ def _read_json(path: Path) -> dict:
 def _molmo_snapshot(model_dir: Path) -> tuple[MolmoConfig, dict]:
     """Config and tensor headers of a Molmo snapshot, checked: one error for the wrong layout."""
     config = MolmoConfig.from_hf(model_dir)
+    scheme = snapshot_scheme(_read_json(Path(model_dir) / "config.json"), Path(model_dir) / "config.json")
+    if scheme:
+        raise CheckpointError(f"{model_dir}: a quantized ({scheme}) snapshot; conversions read float snapshots")
     entries = _tensors(model_dir, "a Molmo snapshot")
     report = check_tensors(expected_tensors(Molmo.meta(config)), entries)
     if not report.ok:
@@ -124,6 +128,42 @@ def to_dtype(model_dir: Path, out: Path, dtype: torch.dtype, shard_bytes: int = 
         return (chunk for _, chunk in iter_chunks(entries[name]))
 
     specs = [(n, e.shape, dtype) for n, e in entries.items()]
+    with staged(out) as tmp:
+        copy_side_files(model_dir, tmp)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        try:
+            files = write_snapshot(tmp, specs, produce, max_shard_bytes=shard_bytes)
+        finally:
+            bar.close()
+    return [out / f.name for f in files]
+
+
+def quantize(model_dir: Path, out: Path, scheme: str, shard_bytes: int = SHARD_BYTES, progress: bool = True,
+             overwrite: bool = False) -> list[Path]:
+    """A Molmo snapshot with the decoder's linear layers quantized ("int8" or "int4", `molmo.quant`),
+    which `Molmo.from_pretrained` loads as saved; other tensors keep their dtype, other files copied."""
+    check_scheme(scheme)
+    model_dir, out = Path(model_dir), Path(out)
+    config, entries = _molmo_snapshot(model_dir)
+    check_output(out, [model_dir], overwrite)
+    meta = Molmo.meta(config)
+    replace_linears(meta, scheme)
+    shapes, dtypes = expected_tensors(meta, stored_quantized=True), quantized_dtypes(meta)
+    cfg = _read_json(model_dir / "config.json") | {"quantization_config": quantization_config(scheme)}
+    bar = _progress(len(shapes), f"to {scheme}", progress)
+    layer: dict[str, torch.Tensor] = {}  # the parts of the layer being written: weight, then its scales
+
+    def produce(name):
+        bar.update(1)
+        if name not in dtypes:
+            return (chunk for _, chunk in iter_chunks(entries[name]))
+        prefix, part = name.rsplit(".", 1)
+        if part == "weight":
+            layer.clear()
+            layer.update(quantize_rows(entries[name], scheme))
+        return layer[part]
+
+    specs = [(n, shape, DTYPES[dtypes[n] if n in dtypes else entries[n].dtype]) for n, shape in shapes.items()]
     with staged(out) as tmp:
         copy_side_files(model_dir, tmp)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))

@@ -8,12 +8,33 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import DTYPES, CheckpointError, read_into, snapshot_tensors
+from .checkpoint import DTYPES, FLOATS, CheckpointError, iter_chunks, read_into, snapshot_tensors
 from .names import published_name
+from .quant import QuantLinear, quantize_tensor, stored_shapes
 
-def expected_tensors(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Published tensor name -> shape, for a checkpoint of this model (build it on the meta device)."""
-    return {published_name(n): tuple(p.shape) for n, p in model.named_parameters()}
+def expected_tensors(model: nn.Module, stored_quantized: bool = False) -> dict[str, tuple[int, ...]]:
+    """Published tensor name -> shape, for a checkpoint of this model (build it on the meta device).
+    A quantized model's linear layers expect float weights, or with `stored_quantized` their
+    quantized form (`quantized_dtypes` gives its dtypes)."""
+    want = {published_name(n): tuple(p.shape) for n, p in model.named_parameters()}
+    for name, m in _quantized(model):
+        weight = published_name(f"{name}.weight")
+        if stored_quantized:
+            want.update({weight[:-6] + k: shape for k, (shape, _) in stored_shapes(m.scheme, m.out_features,
+                                                                                   m.in_features).items()})
+        else:
+            want[weight] = (m.out_features, m.in_features)
+    return want
+
+
+def quantized_dtypes(model: nn.Module) -> dict[str, str]:
+    """Published name -> safetensors dtype of the tensors of a saved quantized snapshot."""
+    return {published_name(f"{name}.weight")[:-6] + k: dtype for name, m in _quantized(model)
+            for k, (_, dtype) in stored_shapes(m.scheme, m.out_features, m.in_features).items()}
+
+
+def _quantized(model: nn.Module) -> list[tuple[str, QuantLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
@@ -44,8 +65,9 @@ class CheckReport:
         return "ok"
 
 
-def check_tensors(want: dict[str, tuple[int, ...]], entries: dict) -> CheckReport:
-    """Compare a snapshot's headers with `expected_tensors`: names, shapes and float dtypes."""
+def check_tensors(want: dict[str, tuple[int, ...]], entries: dict, dtypes: dict[str, str] | None = None) -> CheckReport:
+    """Compare a snapshot's headers with `expected_tensors`: names, shapes, and float dtypes (or the
+    exact ones named in `dtypes`)."""
     r = CheckReport()
     r.missing = [n for n in want if n not in entries]
     r.unexpected = [f"{n} in {entries[n].file.name}" for n in entries if n not in want]
@@ -55,25 +77,56 @@ def check_tensors(want: dict[str, tuple[int, ...]], entries: dict) -> CheckRepor
             continue
         if e.shape != shape:
             r.wrong_shape.append(f"{n} in {e.file.name}: {list(e.shape)}, expected {list(shape)}")
-        if e.dtype not in DTYPES:
+        exact = (dtypes or {}).get(n)
+        if exact is not None and e.dtype != exact:
+            r.wrong_dtype.append(f"{n} in {e.file.name}: {e.dtype}, expected {exact}")
+        elif exact is None and e.dtype not in FLOATS:
             r.wrong_dtype.append(f"{n} in {e.file.name}: {e.dtype}, expected a float type (F32, BF16, F16)")
     return r
 
 
-def load_weights(model: nn.Module, folder: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Module:
+def load_weights(model: nn.Module, folder: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
+                 stored_quantized: bool = False) -> nn.Module:
     """Fill every parameter of a meta-device `model` from the snapshot in `folder`, converting as it
-    reads; every name, shape and dtype is checked first."""
+    reads; every name, shape and dtype is checked first. The QuantLinear layers of a quantized model
+    take their stored quantized form, or float weights quantized one tensor at a time as they load."""
     folder = Path(folder)
     entries = snapshot_tensors(folder)
-    report = check_tensors(expected_tensors(model), entries)
+    report = check_tensors(expected_tensors(model, stored_quantized), entries,
+                           quantized_dtypes(model) if stored_quantized else None)
     if not report.ok:
         raise CheckpointError(f"{folder}: {report.first_problem()}")
     for name, param in list(model.named_parameters()):
-        dest = torch.empty(param.shape, dtype=dtype, device=device)
-        entry = entries[published_name(name)]
-        read_into(entry, dest)
-        if not bool(dest.isfinite().all()):
-            raise CheckpointError(f"{entry.file}: tensor {entry.name} holds non-finite values (NaN or Inf)")
+        dest = _read(entries[published_name(name)], dtype, device)
         module_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(module_name), attr, nn.Parameter(dest, requires_grad=param.requires_grad))
+    for name, m in _quantized(model):
+        weight = published_name(f"{name}.weight")
+        if stored_quantized:
+            m.set_weights({k: _read(entries[weight[:-6] + k], DTYPES[d], device)
+                           for k, (_, d) in stored_shapes(m.scheme, m.out_features, m.in_features).items()})
+        else:
+            m.set_weights(quantize_rows(entries[weight], m.scheme, device))
     return model.eval()
+
+
+def quantize_rows(entry, scheme: str, device="cpu", chunk_bytes: int = 64 << 20) -> dict[str, torch.Tensor]:
+    """Quantize a float weight [out, in] as it is read, a block of rows at a time (every scale
+    belongs to one row): memory beyond the quantized result stays at about one block."""
+    in_f = entry.shape[1]
+    itemsize = DTYPES[entry.dtype].itemsize
+    parts = []
+    for _, chunk in iter_chunks(entry, max(1, chunk_bytes // (in_f * itemsize)) * in_f * itemsize):
+        rows = chunk.view(-1, in_f).to(device, torch.float32)
+        if not bool(rows.isfinite().all()):
+            raise CheckpointError(f"{entry.file}: tensor {entry.name} holds non-finite values (NaN or Inf)")
+        parts.append(quantize_tensor(scheme, rows))
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _read(entry, dtype: torch.dtype, device) -> torch.Tensor:
+    dest = torch.empty(entry.shape, dtype=dtype, device=device)
+    read_into(entry, dest)
+    if dest.is_floating_point() and not bool(dest.isfinite().all()):
+        raise CheckpointError(f"{entry.file}: tensor {entry.name} holds non-finite values (NaN or Inf)")
+    return dest

@@ -7,6 +7,7 @@ T is the tokens of one call and S the key columns it attends to (the KV cache's,
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from .hub import resolve_snapshot
 from .llm import Decoder, positions_and_mask, prompt_mask
 from .loading import load_weights
 from .loss import check_labels, loss_targets, weighted_loss
+from .quant import check_scheme, replace_linears, snapshot_scheme
 from .vision import VisionEncoder
 
 MODES = ("fp32", "autocast", "bf16")
@@ -55,29 +57,45 @@ class Molmo(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, dtype: str | torch.dtype = "fp32",
-                        device: str | torch.device | None = None, revision: str | None = None) -> "Molmo":
+                        device: str | torch.device | None = None, revision: str | None = None,
+                        quantize: str | None = None) -> "Molmo":
         """Load a Molmo snapshot: a local folder or a Hugging Face hub id (downloaded into the HF cache).
 
         dtype: "fp32", "autocast" (fp32 weights, bf16 matmuls) or "bf16" (also torch dtypes).
         device: defaults to CUDA when available.
+        quantize: "int8" or "int4": the decoder's linear layers quantized while loading (`molmo.quant`).
+        A quantized snapshot (convert_weights.py quantize) loads as saved, without this argument.
         """
         mode = precision_mode(dtype)
+        check_scheme(quantize)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device}: no CUDA device is available to this PyTorch build")
         folder = resolve_snapshot(path_or_id, revision=revision)
-        model = cls.meta(MolmoConfig.from_hf(folder))
-        load_weights(model, folder, dtype=torch.bfloat16 if mode == "bf16" else torch.float32, device=device)
+        config = MolmoConfig.from_hf(folder)
+        stored = snapshot_scheme(json.loads((folder / "config.json").read_text()), folder / "config.json")
+        if stored and quantize and quantize != stored:
+            raise ValueError(f"{folder}: the snapshot is quantized {stored}; it cannot load as {quantize}")
+        model = cls.meta(config)
+        if stored or quantize:
+            replace_linears(model, stored or quantize)
+        load_weights(model, folder, dtype=torch.bfloat16 if mode == "bf16" else torch.float32, device=device,
+                     stored_quantized=stored is not None)
         model.mode = mode
         return model
 
     @property
+    def quantization(self) -> str | None:
+        """"int8", "int4" or None."""
+        return getattr(self.llm.lm_head, "scheme", None)
+
+    @property
     def device(self) -> torch.device:
-        return self.llm.lm_head.weight.device
+        return self.llm.embed.base.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.llm.lm_head.weight.dtype
+        return self.llm.embed.base.dtype
 
     def set_mode(self, mode: str | torch.dtype) -> "Molmo":
         """Switch precision: fp32 and autocast keep fp32 weights, bf16 casts them."""

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 SCHEMES = ("int8", "int4")
-GROUP_SIZE = 128  # int4: inputs sharing a scale and zero
+GROUP_SIZE = 64  # int4: inputs sharing a scale and zero
 QUANT_METHOD = "molmo"  # config.json's quantization_config.quant_method: other readers refuse it by name
 
 
@@ -23,6 +23,30 @@ def check_scheme(scheme: str | None) -> str | None:
     if scheme is not None and scheme not in SCHEMES:
         raise ValueError(f"quantize must be one of {', '.join(SCHEMES)} (or None), got {scheme!r}")
     return scheme
+
+
+def snapshot_scheme(config: dict, where) -> str | None:
+    """The scheme a snapshot's config.json names in `quantization_config` (None: not quantized);
+    one clear error for another quantizer's (bitsandbytes, AWQ, ...) or a malformed entry."""
+    q = config.get("quantization_config")
+    if q is None:
+        return None
+    method = q.get("quant_method") if isinstance(q, dict) else None
+    if method != QUANT_METHOD:
+        raise ValueError(f"{where}: quantization_config names quant_method {method!r}; molmo reads its own "
+                         f"({QUANT_METHOD!r}, written by convert_weights.py quantize) and unquantized snapshots")
+    scheme = {8: "int8", 4: "int4"}.get(q.get("bits"))
+    if scheme is None or (scheme == "int4" and q.get("group_size") != GROUP_SIZE):
+        raise ValueError(f"{where}: quantization_config {q} is not one molmo reads (bits 8, or bits 4 with "
+                         f"group_size {GROUP_SIZE})")
+    return scheme
+
+
+def quantization_config(scheme: str) -> dict:
+    """The config.json entry of a saved quantized snapshot."""
+    out = {"quant_method": QUANT_METHOD, "bits": 8 if scheme == "int8" else 4,
+           "modules": "decoder linear layers (blocks and lm_head)"}
+    return out | ({"group_size": GROUP_SIZE} if scheme == "int4" else {})
 
 
 def quantize_int8(w: torch.Tensor) -> dict[str, torch.Tensor]:

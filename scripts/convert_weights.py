@@ -4,6 +4,7 @@
   to-dtype --model DIR --out DIR --dtype bf16|fp16     a Molmo snapshot in another dtype, sharded
   from-hf  --clip DIR --decoder DIR --out DIR [--seed S]  CLIP ViT-L/14-336 + Qwen2 or OLMo2 -> a Molmo to train from
   to-hf    --model DIR --out DIR                          Molmo -> out/qwen2 or out/olmo2 + out/clip
+  quantize --bits 8|4 IN OUT                              the decoder's linear layers in int8 or int4
 """
 from __future__ import annotations
 
@@ -41,7 +42,13 @@ def main(argv=None) -> int:
                                      "or Olmo2ForCausalLM (7B-O) folders")
     h.add_argument("--model", required=True, type=Path)
     h.add_argument("--out", required=True, type=Path)
-    for s in (t, f, h):
+    q = sub.add_parser("quantize", help="a Molmo snapshot with the decoder's linear layers in int8 (per output "
+                                        "channel) or int4 (groups of 64 inputs), loaded as saved")
+    q.add_argument("--bits", required=True, type=int, choices=[8, 4])
+    q.add_argument("model", type=Path)
+    q.add_argument("out", type=Path)
+    q.add_argument("--shard-gb", type=float, default=5.0, help="largest shard size (GB)")
+    for s in (t, f, h, q):
         s.add_argument("--no-progress", action="store_true")
         s.add_argument("--overwrite", action="store_true", help="replace an existing output folder whole")
     a = p.parse_args(argv)
@@ -55,6 +62,10 @@ def main(argv=None) -> int:
         elif a.command == "from-hf":
             cfg = convert.from_hf(a.clip, a.decoder, a.out, seed=a.seed, progress=progress, overwrite=a.overwrite)
             print(f"wrote a Molmo snapshot ({cfg.vision.layers} ViT blocks, {cfg.llm.layers} LLM blocks) to {a.out}")
+        elif a.command == "quantize":
+            files = convert.quantize(a.model, a.out, f"int{a.bits}", int(a.shard_gb * (1 << 30)), progress=progress,
+                                     overwrite=a.overwrite)
+            print(f"wrote {len(files)} shard(s) of int{a.bits} weights to {a.out}")
         else:
             qdir, cdir = convert.to_hf(a.model, a.out, progress=progress, overwrite=a.overwrite)
             print(f"wrote {qdir} and {cdir}")

@@ -1,0 +1,191 @@
+"""Weight-only int8 / int4: round-trip error bounds, the kernels against the dequantized product,
+quantizing while loading against a saved quantized snapshot, and bad quantized files."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from molmo import Molmo
+from molmo.checkpoint import CheckpointError
+from molmo.config import LLMConfig, MolmoConfig, VisionConfig
+from molmo.convert import quantize
+from molmo.generation import generate
+from molmo.quant import GROUP_SIZE, QuantLinear, dequantize, quantize_int4, quantize_int8, unpack_int4
+from molmo.testing import write_random_checkpoint
+
+from conftest import FACTS, ROOT, rel
+
+# Input sizes divisible by the int4 group size (64): hidden 128, MLP hidden 128.
+QUANT_TINY = MolmoConfig(
+    vision=VisionConfig(width=32, heads=2, kv_heads=2, head_dim=16, layers=10, mlp_dim=64),
+    llm=LLMConfig(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256, vocab=512),
+)
+
+
+@pytest.fixture(scope="module")
+def snapshot(tmp_path_factory):
+    return write_random_checkpoint(tmp_path_factory.mktemp("q") / "m", QUANT_TINY, seed=3)
+
+
+@pytest.fixture(scope="module")
+def saved(snapshot, tmp_path_factory):
+    root = tmp_path_factory.mktemp("saved")
+    return {s: quantize(snapshot, root / s, s, progress=False) and root / s for s in ("int8", "int4")}
+
+
+def test_int8_round_trip_error_is_at_most_half_a_step_per_output_channel():
+    w = torch.randn(96, 200) * torch.rand(96, 1) * 3
+    t = quantize_int8(w)
+    assert t["weight"].dtype == torch.int8 and t["weight"].abs().max() <= 127
+    err = (dequantize("int8", t) - w).abs()
+    assert (err <= t["weight_scale"][:, None] / 2 * (1 + 1e-5)).all()
+
+
+def test_int4_round_trip_error_is_at_most_half_a_step_per_group_and_packing_is_lossless():
+    w = torch.randn(48, 4 * GROUP_SIZE) * 2 + 0.5
+    t = quantize_int4(w)
+    assert t["weight"].dtype == torch.uint8 and t["weight"].shape == (48, 2 * GROUP_SIZE)
+    q = unpack_int4(t["weight"])
+    assert q.max() <= 15 and torch.equal(q[:, 0::2] | (q[:, 1::2] << 4), t["weight"])
+    step = t["weight_scale"].repeat_interleave(GROUP_SIZE, 1)
+    assert ((dequantize("int4", t) - w).abs() <= step / 2 * (1 + 1e-4) + 1e-6).all()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_linear_equals_the_dequantized_product(scheme, dtype):
+    torch.manual_seed(0)
+    w, b = torch.randn(160, 2 * GROUP_SIZE) / 10, torch.randn(160)
+    layer = QuantLinear(scheme, w.shape[1], w.shape[0], bias=True)
+    stored = quantize_int8(w) if scheme == "int8" else quantize_int4(w)
+    layer.set_weights(stored)
+    layer.bias = torch.nn.Parameter(b.to(dtype), requires_grad=False)
+    for rows in (1, 5):
+        x = torch.randn(2, rows, w.shape[1]).to(dtype)
+        want = x.float() @ dequantize(scheme, stored).T + b.to(dtype).float()
+        got = layer(x)
+        assert got.shape == (2, rows, 160) and got.dtype == dtype
+        assert rel(got, want) <= (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_chunked_quantizing_while_reading_equals_quantizing_the_whole_tensor(snapshot):
+    from molmo.checkpoint import snapshot_tensors
+    from molmo.loading import quantize_rows
+
+    entry = snapshot_tensors(snapshot)["model.transformer.ff_out.weight"]
+    whole = load_file(str(snapshot / "model.safetensors"))["model.transformer.ff_out.weight"]
+    for scheme, fn in (("int8", quantize_int8), ("int4", quantize_int4)):
+        got, want = quantize_rows(entry, scheme, chunk_bytes=3 * 128 * 4), fn(whole)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_saved_quantized_snapshot_loads_bit_for_bit_as_quantizing_while_loading(snapshot, saved, scheme):
+    direct = Molmo.from_pretrained(snapshot, quantize=scheme)
+    loaded = Molmo.from_pretrained(saved[scheme])
+    assert direct.quantization == loaded.quantization == scheme
+    a, b = direct.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == 2 * 4 + 1  # 4 a block, and lm_head
+    ids = torch.randint(0, 512, (2, 30))
+    with torch.no_grad():
+        assert torch.equal(direct(ids).logits, loaded(ids).logits)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_decoding_with_the_cache_equals_the_uncached_forward(saved, scheme):
+    model = Molmo.from_pretrained(saved[scheme])
+    ids = torch.randint(0, 512, (1, 12))
+    out = generate(model, {"input_ids": ids}, max_new_tokens=6, stop_on_eos=False)
+    seq = torch.cat([ids, out.tokens], 1)
+    with torch.no_grad():
+        logits = model(seq).logits
+    assert torch.equal(logits[0, 11:-1].argmax(-1), out.tokens[0])
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_model_equals_the_float_model_holding_the_dequantized_weights(snapshot, scheme):
+    from molmo.quant import quantizable
+
+    quantized = Molmo.from_pretrained(snapshot, quantize=scheme)
+    float_model = Molmo.from_pretrained(snapshot)
+    with torch.no_grad():
+        for name in quantizable(float_model):
+            q = quantized.get_submodule(name)
+            stored = {k: getattr(q, k) for k in ("weight", "weight_scale", "weight_zero") if hasattr(q, k)}
+            float_model.get_submodule(name).weight.copy_(dequantize(scheme, stored))
+        ids = torch.randint(0, 512, (1, 40))
+        want, got = float_model(ids).logits, quantized(ids).logits
+    assert rel(got, want) <= 1e-5
+    assert rel(got, Molmo.from_pretrained(snapshot)(ids).logits.detach()) > 1e-3  # and it did quantize
+
+
+def test_bad_quantized_snapshots_get_one_clear_error(snapshot, saved, tmp_path):
+    bad = shutil.copytree(saved["int8"], tmp_path / "missing")
+    tensors = load_file(str(bad / "model.safetensors"))
+    gone = "model.transformer.blocks.1.ff_out.weight_scale"
+    save_file({k: v for k, v in tensors.items() if k != gone}, str(bad / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=f"missing tensor: {gone}"):
+        Molmo.from_pretrained(bad)
+    wrong = shutil.copytree(saved["int8"], tmp_path / "dtype")
+    name = "model.transformer.blocks.0.att_proj.weight"
+    save_file(tensors | {name: tensors[name].float()}, str(wrong / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=f"wrong dtype: {name} in model.safetensors: F32, expected I8"):
+        Molmo.from_pretrained(wrong)
+    with pytest.raises(ValueError, match="quantized int8; it cannot load as int4"):
+        Molmo.from_pretrained(saved["int8"], quantize="int4")
+    foreign = shutil.copytree(snapshot, tmp_path / "bnb")
+    cfg = json.loads((foreign / "config.json").read_text())
+    (foreign / "config.json").write_text(json.dumps(cfg | {"quantization_config": {"quant_method": "bitsandbytes"}}))
+    with pytest.raises(ValueError, match="quant_method 'bitsandbytes'"):
+        Molmo.from_pretrained(foreign)
+    with pytest.raises(ValueError, match="quantize must be one of int8, int4"):
+        Molmo.from_pretrained(snapshot, quantize="nf4")
+    with pytest.raises(CheckpointError, match=r"a quantized \(int8\) snapshot; conversions read float"):
+        quantize(saved["int8"], tmp_path / "again", "int8", progress=False)
+
+
+def test_7b_d_int4_groups_divide_every_decoder_input_size():
+    from molmo.quant import quantizable, replace_linears
+
+    meta = Molmo.meta(MolmoConfig.from_hf(FACTS))
+    assert len(replace_linears(meta, "int4")) == 28 * 4 + 1 == len(quantizable(Molmo.meta(MolmoConfig.from_hf(FACTS))))
+
+
+@pytest.mark.slow
+def test_quantizing_while_loading_never_holds_a_whole_float_tensor(tmp_path):
+    big = MolmoConfig(vision=QUANT_TINY.vision, llm=LLMConfig(hidden=512, layers=1, heads=4, kv_heads=2,
+                                                              intermediate=1024, vocab=152064))
+    write_random_checkpoint(tmp_path / "m", big, seed=0)  # lm_head + embedding: 2 x 311 MB in fp32
+    code = f"""
+import resource, torch, json
+from molmo import Molmo
+torch.ones(1) @ torch.ones(1)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+m = Molmo.from_pretrained({str(tmp_path / 'm')!r}, quantize="int8")
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+size = sum(t.numel() * t.element_size() for t in m.state_dict().values())
+print(json.dumps({{"peak": peak - before, "size": size}}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    # the model's size (fp32 embeddings 311 MB + int8 lm_head 78 MB + small) plus under one 311 MB fp32 tensor
+    assert got["peak"] < got["size"] + 200e6, got
+
+
+@pytest.mark.slow
+def test_inspect_shows_the_scheme_and_size_and_generate_takes_quantize(saved, text_model_dir):
+    r = subprocess.run([sys.executable, "-m", "molmo", "inspect", "--model", str(saved["int4"]), "--json"],
+                       capture_output=True, text=True, timeout=300)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert r.returncode == 0 and out["quantization"] == "int4" and out["weights"]["ok"], r.stdout
+    assert "quantized  int4" in r.stdout and out["weights"]["size_gb"] > 0
+    r = subprocess.run([sys.executable, "-m", "molmo", "generate", "--model", str(text_model_dir), "--prompt", "Hi",
+                        "--max-new-tokens", "3", "--quantize", "int8", "--json"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and len(json.loads(r.stdout.strip().splitlines()[-1])["token_ids"]) == 3, r.stderr
