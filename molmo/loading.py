@@ -112,16 +112,19 @@ def load_weights(model: nn.Module, folder: str | Path, dtype: torch.dtype = torc
 
 def quantize_rows(entry, scheme: str, device="cpu", chunk_bytes: int = 64 << 20) -> dict[str, torch.Tensor]:
     """Quantize a float weight [out, in] as it is read, a block of rows at a time (every scale
-    belongs to one row): memory beyond the quantized result stays at about one block."""
-    in_f = entry.shape[1]
+    belongs to one row), into preallocated results: memory beyond them stays at about one block."""
+    out_f, in_f = entry.shape
     itemsize = DTYPES[entry.dtype].itemsize
-    parts = []
-    for _, chunk in iter_chunks(entry, max(1, chunk_bytes // (in_f * itemsize)) * in_f * itemsize):
+    result = {k: torch.empty(shape, dtype=DTYPES[d], device=device)
+              for k, (shape, d) in stored_shapes(scheme, out_f, in_f).items()}
+    for start, chunk in iter_chunks(entry, max(1, chunk_bytes // (in_f * itemsize)) * in_f * itemsize):
         rows = chunk.view(-1, in_f).to(device, torch.float32)
         if not bool(rows.isfinite().all()):
             raise CheckpointError(f"{entry.file}: tensor {entry.name} holds non-finite values (NaN or Inf)")
-        parts.append(quantize_tensor(scheme, rows))
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        first = start // in_f
+        for k, t in quantize_tensor(scheme, rows).items():
+            result[k][first:first + len(t)] = t
+    return result
 
 
 def _read(entry, dtype: torch.dtype, device) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Weight-only quantization of the decoder's linear layers: int8 and int4, on PyTorch's own kernels.
 
 - int8: one scale per output channel, w ~ q * scale (q in -127..127).
-- int4: groups of GROUP_SIZE inputs per output channel, w ~ (q - 8) * scale + zero (q in 0..15),
-  PyTorch's packed int4 layout (its `_weight_int4pack_mm` kernels).
+- int4: groups of GROUP_SIZE inputs per output channel, w ~ (q - 8) * scale + zero (q in 0..15,
+  scale and zero in bf16), PyTorch's packed int4 layout (its `_weight_int4pack_mm` kernels).
 Stored in a snapshot device-independently (`X.weight` int8 [out, in], or uint8 [out, in/2] with two
 4-bit values per byte, the low nibble first; `X.weight_scale`, `X.weight_zero` [out, in/group] for
 int4), with `quantization_config` in config.json naming the scheme; packed for the kernel when loaded.
@@ -59,13 +59,14 @@ def quantize_int8(w: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def quantize_int4(w: torch.Tensor, group: int = GROUP_SIZE) -> dict[str, torch.Tensor]:
     """w [out, in] float -> {"weight": uint8 [out, in/2] (two 4-bit values per byte, low first),
-    "weight_scale", "weight_zero": fp32 [out, in/group]}: w ~ (q - 8) * scale + zero, per group."""
+    "weight_scale", "weight_zero": bf16 [out, in/group]}: w ~ (q - 8) * scale + zero, per group."""
     out_f, in_f = w.shape
     g = w.float().reshape(out_f, in_f // group, group)
     lo, hi = g.amin(-1), g.amax(-1)
-    scale = ((hi - lo) / 15).clamp(min=1e-12)
-    zero = lo + 8 * scale  # the value of q = 8
-    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).reshape(out_f, in_f)
+    scale = ((hi - lo) / 15).clamp(min=1e-12).to(torch.bfloat16)
+    zero = (lo + 8 * scale.float()).to(torch.bfloat16)  # the value of q = 8
+    q = torch.round((g - zero.float()[..., None]) / scale.float()[..., None] + 8).clamp(0, 15)
+    q = q.to(torch.uint8).reshape(out_f, in_f)
     return {"weight": q[:, 0::2] | (q[:, 1::2] << 4), "weight_scale": scale, "weight_zero": zero}
 
 
@@ -82,7 +83,8 @@ def dequantize(scheme: str, t: dict[str, torch.Tensor]) -> torch.Tensor:
     out_f, in_f = q.shape
     groups = t["weight_scale"].shape[1]
     q = q.reshape(out_f, groups, in_f // groups)
-    return ((q - 8) * t["weight_scale"][..., None] + t["weight_zero"][..., None]).reshape(out_f, in_f)
+    scale, zero = t["weight_scale"].float()[..., None], t["weight_zero"].float()[..., None]
+    return ((q - 8) * scale + zero).reshape(out_f, in_f)
 
 
 def stored_shapes(scheme: str, out_f: int, in_f: int) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -90,34 +92,39 @@ def stored_shapes(scheme: str, out_f: int, in_f: int) -> dict[str, tuple[tuple[i
     if scheme == "int8":
         return {"weight": ((out_f, in_f), "I8"), "weight_scale": ((out_f,), "F32")}
     groups = in_f // GROUP_SIZE
-    return {"weight": ((out_f, in_f // 2), "U8"), "weight_scale": ((out_f, groups), "F32"),
-            "weight_zero": ((out_f, groups), "F32")}
+    return {"weight": ((out_f, in_f // 2), "U8"), "weight_scale": ((out_f, groups), "BF16"),
+            "weight_zero": ((out_f, groups), "BF16")}
 
 
 class QuantLinear(nn.Module):
-    """A linear layer with quantized weights: x [..., in] (bf16 or fp32) -> [..., out] in x's dtype."""
+    """A linear layer with quantized weights: x [..., in] (bf16 or fp32) -> [..., out] in x's dtype.
+
+    Holds its weights in the kernel's form only: int8 `weight` [out, in] and `weight_scale` [out];
+    int4 `packed` (PyTorch's int4 layout for this device) and `scale_zero` [in/group, out, 2] bf16.
+    """
 
     def __init__(self, scheme: str, in_features: int, out_features: int, bias: bool):
         super().__init__()
-        if scheme == "int4" and in_features % GROUP_SIZE:
-            raise ValueError(f"int4 needs input sizes divisible by {GROUP_SIZE}, got a layer of {in_features}")
+        if scheme == "int4" and (in_features % GROUP_SIZE or out_features % 16):
+            raise ValueError(f"int4 needs input sizes divisible by {GROUP_SIZE} and output sizes by 16, "
+                             f"got a layer of {in_features} -> {out_features}")
         self.scheme, self.in_features, self.out_features = scheme, in_features, out_features
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        for name, (shape, _) in stored_shapes(scheme, out_features, in_features).items():
-            self.register_buffer(name, torch.empty(shape, dtype=torch.float32))  # filled by `set_weights`
-        self.packed = None  # the kernel's layout, made by `set_weights`
+        names = ("weight", "weight_scale") if scheme == "int8" else ("packed", "scale_zero")
+        for name in names:
+            self.register_buffer(name, torch.empty(0))  # filled by `set_weights`
 
     def set_weights(self, stored: dict[str, torch.Tensor]) -> None:
         """Take the stored form (see the module docstring) and pack it for this device's kernel."""
-        for name, t in stored.items():
-            setattr(self, name, t)
         if self.scheme == "int8":
+            self.weight, self.weight_scale = stored["weight"], stored["weight_scale"]
             return
-        scale_zero = torch.stack([self.weight_scale, self.weight_zero], -1).transpose(0, 1).contiguous()
-        if self.weight.is_cuda:  # [groups, out, 2] in x's dtype, and tinygemm's tiled layout
-            self.packed = (torch._convert_weight_to_int4pack(self.weight, 8), scale_zero.to(torch.bfloat16))
+        self.scale_zero = torch.stack([stored["weight_scale"], stored["weight_zero"]], -1).transpose(0, 1).contiguous()
+        q = unpack_int4(stored["weight"])  # [out, in] values 0..15
+        if q.is_cuda:  # tinygemm's tiled layout, from values packed high nibble first
+            self.packed = torch._convert_weight_to_int4pack((q[:, 0::2] << 4) | q[:, 1::2], 8)
         else:
-            self.packed = (torch._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight).int(), 1), scale_zero)
+            self.packed = torch._convert_weight_to_int4pack_for_cpu(q.int(), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -127,12 +134,10 @@ class QuantLinear(nn.Module):
                 y = F.linear(x2, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
             else:
                 y = torch._weight_int8pack_mm(x2, self.weight, self.weight_scale.to(x.dtype))
+        elif x.is_cuda:
+            y = torch._weight_int4pack_mm(x2.to(torch.bfloat16), self.packed, GROUP_SIZE, self.scale_zero).to(x.dtype)
         else:
-            packed, scale_zero = self.packed
-            if x.is_cuda:
-                y = torch._weight_int4pack_mm(x2.to(torch.bfloat16), packed, GROUP_SIZE, scale_zero).to(x.dtype)
-            else:
-                y = torch._weight_int4pack_mm_for_cpu(x2, packed, GROUP_SIZE, scale_zero.to(x.dtype))
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, GROUP_SIZE, self.scale_zero.to(x.dtype))
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
@@ -158,3 +163,19 @@ def replace_linears(model: nn.Module, scheme: str) -> list[str]:
 
 def quantize_tensor(scheme: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
     return quantize_int8(w) if scheme == "int8" else quantize_int4(w)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, scheme: str) -> nn.Module:
+    """Quantize an in-memory model's decoder linear layers in place (e.g. after fine-tuning)."""
+    check_scheme(scheme)
+    for name in quantizable(model):
+        old = model.get_submodule(name)
+        parent, _, attr = name.rpartition(".")
+        with torch.device("meta"):
+            new = QuantLinear(scheme, old.in_features, old.out_features, old.bias is not None)
+        if old.bias is not None:
+            new.bias = nn.Parameter(old.bias.detach(), requires_grad=False)
+        new.set_weights(quantize_tensor(scheme, old.weight.detach()))
+        setattr(model.get_submodule(parent), attr, new)
+    return model

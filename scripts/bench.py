@@ -2,7 +2,8 @@
 """Benchmarks; each prints a JSON object as its last line.
 
   --workload load        write a 7B-D-sized fp32 checkpoint (sparse, on disk) and load it into bf16:
-                         load time and peak RSS (target <= 17.5 GB)
+                         load time and peak RSS (target <= 17.5 GB); --quantize int8|int4: quantized
+                         while loading (target: the model's size + 1 GB)
   --workload convert     to-dtype bf16 of that checkpoint: time, peak RSS, and the time to just read
                          and write the same bytes
   --workload preprocess  median ms to preprocess 1920x1080 and 4000x3000 RGB photos
@@ -17,6 +18,9 @@
   --workload batch       the batch job (`molmo batch`) on the mid model: records/s at batch sizes 1, 4
                          and 8 against `generate` called per record, same 16 records (one in four with
                          a 640x480 image, max_crops 1), 32 new tokens greedy; and whether the answers agree
+  --workload quant       the mid model in bf16, int8 and int4 (same random weights): last-position logits
+                         relative error and top-1 agreement over 64 teacher-forced positions against bf16,
+                         and decode tokens/s of each (64 new tokens)
   --workload full        the full 7B-D with random weights (CUDA): batch-1 decode and time to first
                          token with a 13-crop image (--dtype bf16 by default)
 """
@@ -100,12 +104,15 @@ import json, resource, time, sys
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
 from molmo import Molmo
 t = time.perf_counter()
-m = Molmo.from_pretrained({str(folder)!r}, dtype="bf16", device="cpu")
+m = Molmo.from_pretrained({str(folder)!r}, dtype="bf16", device="cpu", quantize={a.quantize!r})
 dt = time.perf_counter() - t
 n = sum(p.numel() for p in m.parameters())
+model_gb = sum(t.numel() * t.element_size() for t in m.state_dict().values()) / 1e9
 print(json.dumps({{"load_s": dt, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-                  "parameters": n, "bf16_gb": n * 2 / 1e9}}))""")
-    return {"workload": "load", "checkpoint_gb": round(size / 1e9, 2), **out, "target_peak_rss_gb": 17.5}
+                  "model_gb": model_gb}}))""")
+    target = 17.5 if a.quantize is None else round(out["model_gb"] + 1, 2)  # quantized: its size + 1 GB
+    return {"workload": "load", "quantize": a.quantize, "checkpoint_gb": round(size / 1e9, 2), **out,
+            "target_peak_rss_gb": target}
 
 
 def bench_convert(a) -> dict:
@@ -293,6 +300,34 @@ def bench_batch(a) -> dict:
     return out
 
 
+def bench_quant(a) -> dict:
+    """int8 and int4 against bf16 on the mid model: last-position logits, teacher-forced top-1, decode rate."""
+    from molmo.quant import quantize_model
+    from molmo.testing import random_model
+
+    inputs = _image_inputs(480, 640, 1, 64)
+    batch = {k: v[None] for k, v in inputs.items()}
+    n_new = a.new_tokens or 64
+    out = {"workload": "quant", "device": a.device, "decode_tok_s": {}, "logits_rel_err": {}, "top1_agreement": {}}
+    for scheme in ("bf16", "int8", "int4"):
+        model = random_model(MID, dtype=torch.bfloat16, device=a.device)  # the same weights each time (seed 0)
+        model.mode = "bf16"
+        if scheme != "bf16":
+            quantize_model(model, scheme)
+        with torch.no_grad():
+            logits = model(**{k: v.to(a.device) for k, v in batch.items()}).logits[0, -64:].float()  # [64, V]
+        if scheme == "bf16":
+            ref = logits
+        else:
+            out["logits_rel_err"][scheme] = round(float((logits[-1] - ref[-1]).norm() / ref[-1].norm()), 4)
+            out["top1_agreement"][scheme] = round(float((logits.argmax(-1) == ref.argmax(-1)).float().mean()), 3)
+        out["decode_tok_s"][scheme] = round(_decode_bench(model, inputs, n_new, a.device)["tokens_per_s"], 2)
+        del model
+        gc.collect()
+    out["speedup"] = {s: round(out["decode_tok_s"][s] / out["decode_tok_s"]["bf16"], 2) for s in ("int8", "int4")}
+    return out
+
+
 def bench_full(a) -> dict:
     from molmo.generation import generate
     from molmo.testing import random_model
@@ -434,7 +469,7 @@ def bench_train(a) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", required=True, choices=["load", "convert", "preprocess", "mid", "full", "train", "batch"])
+    p.add_argument("--workload", required=True, choices=["load", "convert", "preprocess", "mid", "full", "train", "batch", "quant"])
     p.add_argument("--dtype", choices=["fp32", "autocast", "bf16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dir", default="/tmp/molmo-bench-7b", help="where the synthetic 7B checkpoint lives")
@@ -448,10 +483,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="train: optimizer steps (the first is not timed)")
     p.add_argument("--size", choices=["mid", "full"], default="mid", help="train: the mid model or the full 7B-D")
     p.add_argument("--lora-rank", type=int, default=0, help="train: LoRA adapters of this rank (0: all weights)")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="load: quantize while loading")
     p.add_argument("--reference-code", help="mid: also time the official code (folder of its .py files)")
     a = p.parse_args(argv)
     fn = {"load": bench_load, "convert": bench_convert, "preprocess": bench_preprocess, "mid": bench_mid,
-          "full": bench_full, "train": bench_train, "batch": bench_batch}[a.workload]
+          "full": bench_full, "train": bench_train, "batch": bench_batch, "quant": bench_quant}[a.workload]
     result = fn(a)
     print(json.dumps(result))
     return 0

@@ -115,9 +115,8 @@ def test_quantized_model_equals_the_float_model_holding_the_dequantized_weights(
     float_model = Molmo.from_pretrained(snapshot)
     with torch.no_grad():
         for name in quantizable(float_model):
-            q = quantized.get_submodule(name)
-            stored = {k: getattr(q, k) for k in ("weight", "weight_scale", "weight_zero") if hasattr(q, k)}
-            float_model.get_submodule(name).weight.copy_(dequantize(scheme, stored))
+            w = float_model.get_submodule(name).weight
+            w.copy_(dequantize(scheme, quantize_int8(w) if scheme == "int8" else quantize_int4(w)))
         ids = torch.randint(0, 512, (1, 40))
         want, got = float_model(ids).logits, quantized(ids).logits
     assert rel(got, want) <= 1e-5
@@ -189,3 +188,12 @@ def test_inspect_shows_the_scheme_and_size_and_generate_takes_quantize(saved, te
                         "--max-new-tokens", "3", "--quantize", "int8", "--json"], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and len(json.loads(r.stdout.strip().splitlines()[-1])["token_ids"]) == 3, r.stderr
+
+
+def test_quantizing_a_model_in_memory_equals_quantizing_while_loading(snapshot):
+    from molmo.quant import quantize_model
+
+    for scheme in ("int8", "int4"):
+        a = quantize_model(Molmo.from_pretrained(snapshot), scheme).state_dict()
+        b = Molmo.from_pretrained(snapshot, quantize=scheme).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
