@@ -120,11 +120,14 @@ class QuantLinear(nn.Module):
             self.weight, self.weight_scale = stored["weight"], stored["weight_scale"]
             return
         self.scale_zero = torch.stack([stored["weight_scale"], stored["weight_zero"]], -1).transpose(0, 1).contiguous()
-        q = unpack_int4(stored["weight"])  # [out, in] values 0..15
-        if q.is_cuda:  # tinygemm's tiled layout, from values packed high nibble first
+        w = stored["weight"]
+        if w.is_cuda:  # tinygemm's tiled layout, from values packed high nibble first
+            q = unpack_int4(w)  # [out, in] values 0..15
             self.packed = torch._convert_weight_to_int4pack((q[:, 0::2] << 4) | q[:, 1::2], 8)
-        else:
-            self.packed = torch._convert_weight_to_int4pack_for_cpu(q.int(), 1)
+        else:  # the CPU layout packs blocks of 64 rows alone: a few thousand rows at a time bound the int32 copy
+            self.packed = torch.empty_like(w)
+            for i in range(0, len(w), 4096):
+                self.packed[i:i + 4096] = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(w[i:i + 4096]).int(), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -336,6 +336,10 @@ def bench_full(a) -> dict:
     mode = a.dtype or "bf16"
     model = random_model(MolmoConfig(), dtype=torch.bfloat16 if mode == "bf16" else torch.float32, device=device)
     model.mode = mode
+    if a.quantize:
+        from molmo.quant import quantize_model
+
+        quantize_model(model, a.quantize)
     inputs = _image_inputs(1080, 1920, 12, 12)  # 1 global + 12 crops
     n_crops = inputs["images"].shape[0]
     timings = _decode_bench(model, inputs, a.new_tokens or 128, device, a.compile)
@@ -349,11 +353,11 @@ def bench_full(a) -> dict:
             model.image_features(images, masks)
             _sync(device)
             vision.append(time.perf_counter() - t)
-    per_token = sum(p.numel() * p.element_size() for n, p in model.llm.named_parameters() if not n.startswith("embed"))
+    per_token = sum(t.numel() * t.element_size() for n, t in model.llm.state_dict().items() if not n.startswith("embed"))
     hbm = a.hbm_gb_s or copy_bandwidth_gb_s(device)
     bound = hbm * 1e9 / per_token
     rate = timings.get("steady_tokens_per_s", timings["tokens_per_s"])
-    return {"workload": "full", "dtype": mode, "device": device, "compile": a.compile, "crops": n_crops,
+    return {"workload": "full", "dtype": mode, "quantize": a.quantize, "device": device, "compile": a.compile, "crops": n_crops,
             "prompt_tokens": len(inputs["input_ids"]), "ttft_s": round(statistics.median(ttft), 4),
             "ttft_runs_s": [round(t, 4) for t in ttft], "vision_connector_s": round(statistics.median(vision), 4),
             "decode_tok_s": round(rate, 1), "decode_tok_s_with_setup": round(timings["tokens_per_s"], 1),
@@ -483,7 +487,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="train: optimizer steps (the first is not timed)")
     p.add_argument("--size", choices=["mid", "full"], default="mid", help="train: the mid model or the full 7B-D")
     p.add_argument("--lora-rank", type=int, default=0, help="train: LoRA adapters of this rank (0: all weights)")
-    p.add_argument("--quantize", choices=["int8", "int4"], help="load: quantize while loading")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="load: quantize while loading; full: quantize the decoder")
     p.add_argument("--reference-code", help="mid: also time the official code (folder of its .py files)")
     a = p.parse_args(argv)
     fn = {"load": bench_load, "convert": bench_convert, "preprocess": bench_preprocess, "mid": bench_mid,

@@ -4,7 +4,8 @@
 # and batch-1 decode speed against the HBM bound, eager CUDA graph and compiled decode step; then
 # parity again with the compiled step; then one fine-tuning step of the 7B-D in bf16 (one 13-crop image,
 # a 256-token answer) with LoRA + activation checkpointing and with every weight: peak GPU memory and
-# step time. Prints a short table last; about 3 minutes on an H200.
+# step time; the decode benchmark again with int8 and int4 weights (issue 13's target: int4 >= 2x bf16).
+# Prints a short table last; about 4 minutes on an H200.
 #
 #   bash scripts/gpu_check.sh [GOLDEN_DIR [TOKENIZER_DIR]]     (default: ../shared/golden, ../shared/tokenizer)
 set -uo pipefail
@@ -45,6 +46,8 @@ parity parity
 bench bench_full
 bench bench_full_compiled --compile
 parity parity_compiled --compile
+bench bench_full_int8 --quantize int8
+bench bench_full_int4 --quantize int4
 train train_lora --lora-rank 8 --gradient-checkpointing
 train train_full
 
@@ -73,6 +76,12 @@ for name, label in (("bench_full", "eager + CUDA graph"), ("bench_full_compiled"
              ("  HBM bound (measured copy bandwidth)", f"{r.get('bandwidth_bound_tok_s', '?')} tok/s "
                                                        f"at {r.get('bandwidth_gb_s', '?')} GB/s"),
              ("  fraction of bound", f"{r.get('fraction_of_bound', '?')} (target >= 0.75)")]
+base = last("bench_full").get("decode_tok_s")
+for scheme in ("int8", "int4"):
+    r = last(f"bench_full_{scheme}")
+    ratio = round(r["decode_tok_s"] / base, 2) if base and "decode_tok_s" in r else "?"
+    rows += [(f"7B-D {scheme} weights, batch-1 decode", f"{r.get('decode_tok_s', '?')} tok/s ({ratio}x bf16; "
+                                                        f"{r.get('weight_gb_per_token', '?')} GB per token)")]
 for name, label in (("train_lora", "LoRA r=8 + checkpointing (target: fits 24 GB)"), ("train_full", "all weights, AdamW")):
     r = last(name)
     rows += [(f"7B-D bf16 fine-tuning step, {label}",
