@@ -107,6 +107,7 @@ def load_weights(model: nn.Module, folder: str | Path, dtype: torch.dtype = torc
                            for k, (_, d) in stored_shapes(m.scheme, m.out_features, m.in_features).items()})
         else:
             m.set_weights(quantize_rows(entries[weight], m.scheme, device))
+        m.to(dtype)  # scales in the model's dtype, as the kernels take them
     return model.eval()
 
 

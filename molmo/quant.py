@@ -100,7 +100,8 @@ class QuantLinear(nn.Module):
     """A linear layer with quantized weights: x [..., in] (bf16 or fp32) -> [..., out] in x's dtype.
 
     Holds its weights in the kernel's form only: int8 `weight` [out, in] and `weight_scale` [out];
-    int4 `packed` (PyTorch's int4 layout for this device) and `scale_zero` [in/group, out, 2] bf16.
+    int4 `packed` (PyTorch's int4 layout for this device) and `scale_zero` [in/group, out, 2]; the
+    scales in the model's dtype (`module.to(dtype)` converts them, as it converts biases).
     """
 
     def __init__(self, scheme: str, in_features: int, out_features: int, bias: bool):
@@ -136,14 +137,21 @@ class QuantLinear(nn.Module):
             if x.is_cuda:  # the per-channel scale factors out of the product
                 y = F.linear(x2, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
             else:
-                y = torch._weight_int8pack_mm(x2, self.weight, self.weight_scale.to(x.dtype))
+                y = torch._weight_int8pack_mm(x2, self.weight, _as(self.weight_scale, x.dtype))
         elif x.is_cuda:
-            y = torch._weight_int4pack_mm(x2.to(torch.bfloat16), self.packed, GROUP_SIZE, self.scale_zero).to(x.dtype)
+            y = torch._weight_int4pack_mm(x2.to(torch.bfloat16), self.packed, GROUP_SIZE,
+                                          _as(self.scale_zero, torch.bfloat16)).to(x.dtype)
         else:
-            y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, GROUP_SIZE, self.scale_zero.to(x.dtype))
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, GROUP_SIZE, _as(self.scale_zero, x.dtype))
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Scales in the activations' dtype; loading already stores them so (a cast here would also
+    keep torch.compile from lowering the kernel)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def quantizable(model: nn.Module) -> list[str]:
@@ -180,5 +188,6 @@ def quantize_model(model: nn.Module, scheme: str) -> nn.Module:
         if old.bias is not None:
             new.bias = nn.Parameter(old.bias.detach(), requires_grad=False)
         new.set_weights(quantize_tensor(scheme, old.weight.detach()))
+        new.to(old.weight.dtype)  # scales in the model's dtype
         setattr(model.get_submodule(parent), attr, new)
     return model

@@ -197,3 +197,13 @@ def test_quantizing_a_model_in_memory_equals_quantizing_while_loading(snapshot):
         a = quantize_model(Molmo.from_pretrained(snapshot), scheme).state_dict()
         b = Molmo.from_pretrained(snapshot, quantize=scheme).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_compiled_decode_step_gives_the_eager_tokens(saved, scheme):
+    model = Molmo.from_pretrained(saved[scheme], dtype="bf16")
+    ids = torch.randint(0, 512, (2, 10))
+    eager = generate(model, {"input_ids": ids}, max_new_tokens=6, stop_on_eos=False).tokens
+    compiled = generate(model, {"input_ids": ids}, max_new_tokens=6, stop_on_eos=False, compile=True).tokens
+    assert torch.equal(eager, compiled)
