@@ -17,7 +17,8 @@
                          --size full --lora-rank R: the 7B-D, one 13-crop image, a 256-token answer
   --workload batch       the batch job (`molmo batch`) on the mid model: records/s at batch sizes 1, 4
                          and 8 against `generate` called per record, same 16 records (one in four with
-                         a 640x480 image, max_crops 1), 32 new tokens greedy; and whether the answers agree
+                         a 640x480 image, max_crops 1), 32 new tokens greedy; and whether the answers agree;
+                         --size full: the 7B-D, 64 records each with a 13-crop 1920x1080 image, batch 1, 8, 32
   --workload quant       the mid model in bf16, int8 and int4 (same random weights): last-position logits
                          relative error and top-1 agreement over 64 teacher-forced positions against bf16,
                          and decode tokens/s of each (64 new tokens)
@@ -269,17 +270,20 @@ def bench_batch(a) -> dict:
     from molmo.preprocess import ImageConfig, MolmoProcessor, Tokenizer
     from molmo.testing import random_model
 
-    mode = a.dtype or "fp32"
-    model = random_model(MID, dtype=torch.bfloat16 if mode == "bf16" else torch.float32, device=a.device)
+    full = a.size == "full"  # the 7B-D, every record a 13-crop 1920x1080 image, 64 records, batches up to 32
+    mode = a.dtype or ("bf16" if full else "fp32")
+    model = random_model(MolmoConfig() if full else MID, dtype=torch.bfloat16 if mode == "bf16" else torch.float32,
+                         device=a.device)
     model.mode = mode
-    processor = MolmoProcessor(Tokenizer(a.tokenizer), ImageConfig(max_crops=1))
+    processor = MolmoProcessor(Tokenizer(a.tokenizer), ImageConfig(max_crops=12 if full else 1))
     cfg = GenerationConfig(max_new_tokens=a.new_tokens or 32)
     words = "the quick brown fox jumps over the lazy dog while a small cat watches".split()
     folder = Path(tempfile.mkdtemp(prefix="molmo-bench-batch-"))
     rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(folder / "photo.png")
-    rows = [{"id": i, "image": "photo.png" if i % 4 == 0 else None,
-             "prompt": "Describe " + " ".join(words[:3 + (5 * i) % 11])} for i in range(16)]
+    h, w = (1080, 1920) if full else (480, 640)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / "photo.png")
+    rows = [{"id": i, "image": "photo.png" if full or i % 4 == 0 else None,
+             "prompt": "Describe " + " ".join(words[:3 + (5 * i) % 11])} for i in range(64 if full else 16)]
     (folder / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     records = read_records(folder / "in.jsonl")
     generate(model, processor.process(text="warm up"), cfg, tokenizer=processor.tokenizer)
@@ -290,7 +294,7 @@ def bench_batch(a) -> dict:
     base = len(records) / (time.perf_counter() - t)
     out = {"workload": "batch", "dtype": mode, "device": a.device, "records": len(records),
            "new_tokens": cfg.max_new_tokens, "generate_per_record_records_s": round(base, 3)}
-    for bs in (1, 4, 8):
+    for bs in (1, 8, 32) if full else (1, 4, 8):
         path = folder / f"out-{bs}.jsonl"
         counts = run_job(model, processor, records, path, cfg, batch_size=bs, progress=False)
         rate = counts["records"] / counts["seconds"]
@@ -485,7 +489,7 @@ def main(argv=None) -> int:
     p.add_argument("--hbm-gb-s", type=float, default=None, help="bandwidth for the bound (default: measured copy)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="train: activation checkpointing")
     p.add_argument("--steps", type=int, default=3, help="train: optimizer steps (the first is not timed)")
-    p.add_argument("--size", choices=["mid", "full"], default="mid", help="train: the mid model or the full 7B-D")
+    p.add_argument("--size", choices=["mid", "full"], default="mid", help="train, batch: the mid model or the full 7B-D")
     p.add_argument("--lora-rank", type=int, default=0, help="train: LoRA adapters of this rank (0: all weights)")
     p.add_argument("--quantize", choices=["int8", "int4"], help="load: quantize while loading; full: quantize the decoder")
     p.add_argument("--reference-code", help="mid: also time the official code (folder of its .py files)")

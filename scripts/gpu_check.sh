@@ -5,7 +5,8 @@
 # parity again with the compiled step; then one fine-tuning step of the 7B-D in bf16 (one 13-crop image,
 # a 256-token answer) with LoRA + activation checkpointing and with every weight: peak GPU memory and
 # step time; the decode benchmark again with int8 and int4 weights (issue 13's target: int4 >= 2x bf16).
-# Prints a short table last; about 4 minutes on an H200.
+# Then the batch job on the 7B-D against generate per record. Prints a short table last; about 5 minutes
+# on an H200.
 #
 #   bash scripts/gpu_check.sh [GOLDEN_DIR [TOKENIZER_DIR]]     (default: ../shared/golden, ../shared/tokenizer)
 set -uo pipefail
@@ -48,6 +49,8 @@ bench bench_full_compiled --compile
 parity parity_compiled --compile
 bench bench_full_int8 --quantize int8
 bench bench_full_int4 --quantize int4
+timeout 300 $PY scripts/bench.py --workload batch --size full --device cuda --tokenizer "$TOKENIZER" 2>&1 \
+  | tee "$OUT/batch_full.txt" | tail -n 1
 train train_lora --lora-rank 8 --gradient-checkpointing
 train train_full
 
@@ -82,6 +85,9 @@ for scheme in ("int8", "int4"):
     ratio = round(r["decode_tok_s"] / base, 2) if base and "decode_tok_s" in r else "?"
     rows += [(f"7B-D {scheme} weights, batch-1 decode", f"{r.get('decode_tok_s', '?')} tok/s ({ratio}x bf16; "
                                                         f"{r.get('weight_gb_per_token', '?')} GB per token)")]
+r = last("batch_full")
+rows += [("batch job, 7B-D bf16, 13-crop images (target: >= 15x at batch 32)",
+          " ".join(f"b{b}: {r.get(f'batch_{b}', {}).get('speedup', '?')}x" for b in (1, 8, 32)))]
 for name, label in (("train_lora", "LoRA r=8 + checkpointing (target: fits 24 GB)"), ("train_full", "all weights, AdamW")):
     r = last(name)
     rows += [(f"7B-D bf16 fine-tuning step, {label}",
