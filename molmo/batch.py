@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .generation import GenerationConfig, check_context, generate
 from .pointing import parse_points
-from .preprocess import load_image
+from .preprocess import MolmoProcessor, load_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -215,8 +215,6 @@ def run_job(model, processor, records: list[Record], output: str | Path, cfg: Ge
             window: int | None = None, progress: bool = True) -> dict:
     """Run this rank's share of `records`, appending finished rows to OUTPUT (or its part file
     when world > 1). Returns counts for this rank; `merge` puts the output in order afterwards."""
-    from .preprocess.processor import MolmoProcessor
-
     output = Path(output)
     mine = [r for r in records if r.error is None and rank_of(r, world) == rank]
     target = output if world == 1 else _part(output, rank)

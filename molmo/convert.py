@@ -113,6 +113,18 @@ def staged(out: Path):
         os.replace(tmp, out)
 
 
+def _write_beside(model_dir: Path, out: Path, cfg: dict, specs, produce, shard_bytes: int, bar) -> list[Path]:
+    """A snapshot written staged: the source's side files, `cfg` as config.json, the tensors of `specs`."""
+    with staged(out) as tmp:
+        copy_side_files(model_dir, tmp)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        try:
+            files = write_snapshot(tmp, specs, produce, max_shard_bytes=shard_bytes)
+        finally:
+            bar.close()
+    return [out / f.name for f in files]
+
+
 def to_dtype(model_dir: Path, out: Path, dtype: torch.dtype, shard_bytes: int = SHARD_BYTES,
              progress: bool = True, overwrite: bool = False) -> list[Path]:
     """Rewrite a Molmo snapshot in `dtype`, sharded with an index; other files copied."""
@@ -128,14 +140,7 @@ def to_dtype(model_dir: Path, out: Path, dtype: torch.dtype, shard_bytes: int = 
         return (chunk for _, chunk in iter_chunks(entries[name]))
 
     specs = [(n, e.shape, dtype) for n, e in entries.items()]
-    with staged(out) as tmp:
-        copy_side_files(model_dir, tmp)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        try:
-            files = write_snapshot(tmp, specs, produce, max_shard_bytes=shard_bytes)
-        finally:
-            bar.close()
-    return [out / f.name for f in files]
+    return _write_beside(model_dir, out, cfg, specs, produce, shard_bytes, bar)
 
 
 def quantize(model_dir: Path, out: Path, scheme: str, shard_bytes: int = SHARD_BYTES, progress: bool = True,
@@ -164,14 +169,7 @@ def quantize(model_dir: Path, out: Path, scheme: str, shard_bytes: int = SHARD_B
         return layer[part]
 
     specs = [(n, shape, DTYPES[dtypes[n] if n in dtypes else entries[n].dtype]) for n, shape in shapes.items()]
-    with staged(out) as tmp:
-        copy_side_files(model_dir, tmp)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        try:
-            files = write_snapshot(tmp, specs, produce, max_shard_bytes=shard_bytes)
-        finally:
-            bar.close()
-    return [out / f.name for f in files]
+    return _write_beside(model_dir, out, cfg, specs, produce, shard_bytes, bar)
 
 
 # ---- transformers layouts ---------------------------------------------------------------------
