@@ -191,10 +191,16 @@ def _prepare(record: Record, processor, config, max_new_tokens: int) -> _Ready:
         arrays = [load_image(p, processor.max_pixels) for p in record.images]
         inputs = processor.process(images=arrays or None, text=record.prompt)
         check_context(config, len(inputs["input_ids"]), max_new_tokens)
-    except (ValueError, OSError) as e:
-        return _Ready(record, error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except Exception as e:  # noqa: BLE001 - whatever one record does, the job goes on
+        return _Ready(record, error=_message(e))
     size = (arrays[0].shape[1], arrays[0].shape[0]) if len(arrays) == 1 else None
     return _Ready(record, inputs, size)
+
+
+def _message(e: Exception) -> str:
+    """One line: our errors say what and where; anything else also names its type."""
+    first = str(e).splitlines()[0] if str(e).strip() else ""
+    return first if isinstance(e, (ValueError, OSError)) and first else f"{type(e).__name__}: {first}".rstrip(": ")
 
 
 def _result(ready: _Ready, text: str, n_tokens: int) -> dict:
@@ -241,12 +247,12 @@ def run_job(model, processor, records: list[Record], output: str | Path, cfg: Ge
         try:
             batch = MolmoProcessor.collate([g.inputs for g in group])
             out = generate(model, batch, replace(cfg, seed=seed), tokenizer=processor.tokenizer)
-        except (ValueError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001
             if len(group) > 1:  # find the row at fault: the others still get their answers
                 for g in group:
                     run([g])
                 return
-            emit({"id": group[0].record.id, "error": str(e).splitlines()[0]})
+            emit({"id": group[0].record.id, "error": _message(e)})
             return
         for g, text, n in zip(group, out.texts, out.lengths):
             emit(_result(g, text, n))

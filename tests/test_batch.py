@@ -170,3 +170,25 @@ def test_two_processes_write_parts_that_rank_0_merges_in_input_order(text_model_
     assert [x["id"] for x in lines_of(tmp_path / "two.jsonl")] == [f"r{i}" for i in range(12)]
     assert not list(tmp_path.glob("two.jsonl.part-*"))
     assert json.loads(two.stdout.strip().splitlines()[-1])["written"] == 12
+
+
+def test_a_record_whose_generation_fails_gets_an_error_line_and_its_batch_mates_their_answers(snapshot, inputs,
+                                                                                             tmp_path, monkeypatch):
+    import molmo.batch as batch
+
+    model, processor = snapshot
+    real = batch.generate
+
+    def flaky(model, b, cfg, tokenizer):
+        if (b["input_ids"] == processor.tokenizer.encode(" this")[-1]).any():  # prompts with " this": not r0, r5, r10
+            raise RuntimeError("boom")
+        return real(model, b, cfg, tokenizer=tokenizer)
+
+    monkeypatch.setattr(batch, "generate", flaky)
+    records = read_records(inputs / "in.jsonl")
+    counts = run_job(model, processor, records, tmp_path / "o.jsonl", GenerationConfig(max_new_tokens=3),
+                     batch_size=4, progress=False)
+    got = {x["id"]: x for x in lines_of(tmp_path / "o.jsonl")}
+    failed = {i for i, x in got.items() if "error" in x}
+    assert failed == {r.id for r in records if " this" in r.prompt} and counts == counts | {"errors": 9, "done": 3}
+    assert all(got[i]["error"] == "RuntimeError: boom" for i in failed)
