@@ -156,12 +156,13 @@ def merge(records: list[Record], output: Path) -> dict:
     for path in [output, *_parts(output)]:
         for k, rec in read_output(path).items():
             done.setdefault(k, rec)
-    lines, missing = [], 0
+    lines, missing, errors = [], 0, 0
     for r in records:
         rec = {"id": r.id, "error": r.error} if r.error else done.get(r.key)  # input faults never run
         if rec is None:
             missing += 1
             continue
+        errors += "error" in rec
         lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
     tmp = output.with_name(output.name + ".merging")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -171,7 +172,6 @@ def merge(records: list[Record], output: Path) -> dict:
     os.replace(tmp, output)
     for p in _parts(output):
         p.unlink()
-    errors = sum('"error": ' in line for line in lines)
     return {"records": len(records), "written": len(lines), "errors": errors, "missing": missing}
 
 

@@ -63,14 +63,14 @@ def _parser() -> argparse.ArgumentParser:
 def _inspect(a) -> int:
     from .checkpoint import FLOATS, nonfinite, snapshot_tensors
     from .config import MolmoConfig
-    from .loading import check_tensors, expected_tensors, parameter_counts, quantized_dtypes
+    from .loading import check_snapshot, parameter_counts
     from .model import Molmo
     from .quant import GROUP_SIZE, replace_linears, snapshot_scheme
 
     config = MolmoConfig.from_hf(a.model)
     meta = Molmo.meta(config)
     counts = parameter_counts(meta)
-    scheme = snapshot_scheme(json.loads((a.model / "config.json").read_text()), a.model / "config.json")
+    scheme = snapshot_scheme(a.model)
     if scheme:
         replace_linears(meta, scheme)
     v, c = config.vision, config.llm
@@ -91,8 +91,7 @@ def _inspect(a) -> int:
     rc = 0
     try:
         entries = snapshot_tensors(a.model)
-        r = check_tensors(expected_tensors(meta, scheme is not None), entries,
-                          quantized_dtypes(meta) if scheme else None)
+        r = check_snapshot(meta, entries, stored_quantized=scheme is not None)
         bad_values = nonfinite(e for e in entries.values() if e.dtype in FLOATS) if r.ok else []
     except (ValueError, OSError) as e:  # no weights, or unreadable ones: the config summary still stands
         print(f"  weights    not checked: {e}")

@@ -51,7 +51,7 @@ def _read_json(path: Path) -> dict:
 def _molmo_snapshot(model_dir: Path) -> tuple[MolmoConfig, dict]:
     """Config and tensor headers of a Molmo snapshot, checked: one error for the wrong layout."""
     config = MolmoConfig.from_hf(model_dir)
-    scheme = snapshot_scheme(_read_json(Path(model_dir) / "config.json"), Path(model_dir) / "config.json")
+    scheme = snapshot_scheme(model_dir)
     if scheme:
         raise CheckpointError(f"{model_dir}: a quantized ({scheme}) snapshot; conversions read float snapshots")
     entries = _tensors(model_dir, "a Molmo snapshot")

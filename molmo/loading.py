@@ -18,23 +18,26 @@ def expected_tensors(model: nn.Module, stored_quantized: bool = False) -> dict[s
     quantized form (`quantized_dtypes` gives its dtypes)."""
     want = {published_name(n): tuple(p.shape) for n, p in model.named_parameters()}
     for name, m in _quantized(model):
-        weight = published_name(f"{name}.weight")
         if stored_quantized:
-            want.update({weight[:-6] + k: shape for k, (shape, _) in stored_shapes(m.scheme, m.out_features,
-                                                                                   m.in_features).items()})
+            want.update({n: shape for n, (shape, _) in _stored(name, m).items()})
         else:
-            want[weight] = (m.out_features, m.in_features)
+            want[published_name(f"{name}.weight")] = (m.out_features, m.in_features)
     return want
 
 
 def quantized_dtypes(model: nn.Module) -> dict[str, str]:
     """Published name -> safetensors dtype of the tensors of a saved quantized snapshot."""
-    return {published_name(f"{name}.weight")[:-6] + k: dtype for name, m in _quantized(model)
-            for k, (_, dtype) in stored_shapes(m.scheme, m.out_features, m.in_features).items()}
+    return {n: dtype for name, m in _quantized(model) for n, (_, dtype) in _stored(name, m).items()}
 
 
 def _quantized(model: nn.Module) -> list[tuple[str, QuantLinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+
+
+def _stored(name: str, m: QuantLinear) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Published name -> (shape, dtype) of each tensor a quantized layer is saved as."""
+    prefix = published_name(f"{name}.weight").removesuffix("weight")
+    return {prefix + k: v for k, v in stored_shapes(m.scheme, m.out_features, m.in_features).items()}
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
@@ -85,6 +88,12 @@ def check_tensors(want: dict[str, tuple[int, ...]], entries: dict, dtypes: dict[
     return r
 
 
+def check_snapshot(model: nn.Module, entries: dict, stored_quantized: bool = False) -> CheckReport:
+    """Every name, shape and dtype of a snapshot's headers against what `model` expects."""
+    return check_tensors(expected_tensors(model, stored_quantized), entries,
+                         quantized_dtypes(model) if stored_quantized else None)
+
+
 def load_weights(model: nn.Module, folder: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
                  stored_quantized: bool = False) -> nn.Module:
     """Fill every parameter of a meta-device `model` from the snapshot in `folder`, converting as it
@@ -92,8 +101,7 @@ def load_weights(model: nn.Module, folder: str | Path, dtype: torch.dtype = torc
     take their stored quantized form, or float weights quantized one tensor at a time as they load."""
     folder = Path(folder)
     entries = snapshot_tensors(folder)
-    report = check_tensors(expected_tensors(model, stored_quantized), entries,
-                           quantized_dtypes(model) if stored_quantized else None)
+    report = check_snapshot(model, entries, stored_quantized)
     if not report.ok:
         raise CheckpointError(f"{folder}: {report.first_problem()}")
     for name, param in list(model.named_parameters()):
@@ -101,12 +109,11 @@ def load_weights(model: nn.Module, folder: str | Path, dtype: torch.dtype = torc
         module_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(module_name), attr, nn.Parameter(dest, requires_grad=param.requires_grad))
     for name, m in _quantized(model):
-        weight = published_name(f"{name}.weight")
         if stored_quantized:
-            m.set_weights({k: _read(entries[weight[:-6] + k], DTYPES[d], device)
-                           for k, (_, d) in stored_shapes(m.scheme, m.out_features, m.in_features).items()})
+            m.set_weights({n.rpartition(".")[2]: _read(entries[n], DTYPES[d], device)
+                           for n, (_, d) in _stored(name, m).items()})
         else:
-            m.set_weights(quantize_rows(entries[weight], m.scheme, device))
+            m.set_weights(quantize_rows(entries[published_name(f"{name}.weight")], m.scheme, device))
         m.to(dtype)  # scales in the model's dtype, as the kernels take them
     return model.eval()
 

@@ -7,7 +7,6 @@ T is the tokens of one call and S the key columns it attends to (the KV cache's,
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +72,7 @@ class Molmo(nn.Module):
             raise ValueError(f"device {device}: no CUDA device is available to this PyTorch build")
         folder = resolve_snapshot(path_or_id, revision=revision)
         config = MolmoConfig.from_hf(folder)
-        stored = snapshot_scheme(json.loads((folder / "config.json").read_text()), folder / "config.json")
+        stored = snapshot_scheme(folder)
         if stored and quantize and quantize != stored:
             raise ValueError(f"{folder}: the snapshot is quantized {stored}; it cannot load as {quantize}")
         model = cls.meta(config)

@@ -10,6 +10,9 @@ Embeddings, norms, biases, the ViT and the connector keep the model's dtype.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,10 +28,11 @@ def check_scheme(scheme: str | None) -> str | None:
     return scheme
 
 
-def snapshot_scheme(config: dict, where) -> str | None:
+def snapshot_scheme(folder: Path) -> str | None:
     """The scheme a snapshot's config.json names in `quantization_config` (None: not quantized);
     one clear error for another quantizer's (bitsandbytes, AWQ, ...) or a malformed entry."""
-    q = config.get("quantization_config")
+    where = Path(folder) / "config.json"
+    q = json.loads(where.read_text()).get("quantization_config")
     if q is None:
         return None
     method = q.get("quant_method") if isinstance(q, dict) else None
