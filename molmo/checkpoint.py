@@ -222,3 +222,49 @@ def write_snapshot(folder: Path, specs: list[tuple[str, tuple[int, ...], torch.d
     weight_map = {spec[0]: name for name, shard in zip(names, shards) for spec in shard}
     (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     return [folder / n for n in names]
+
+
+def slice_runs(entry: TensorEntry, rows: list[tuple[int, int]], cols: tuple[int, int] | None) -> list[tuple[int, int]]:
+    """(file offset, bytes) of each contiguous run of a slice of a tensor, in row-major order:
+    `rows` ranges along dim 0, and `cols` along dim 1 (None: whole rows)."""
+    itemsize = DTYPES[entry.dtype].itemsize
+    row_bytes = entry.nbytes // entry.shape[0] if entry.shape[0] else 0
+    if cols is None:
+        return [(entry.offset + a * row_bytes, (b - a) * row_bytes) for a, b in rows]
+    c0, c1 = cols
+    return [(entry.offset + r * row_bytes + c0 * itemsize, (c1 - c0) * itemsize) for a, b in rows for r in range(a, b)]
+
+
+def read_slice(entry: TensorEntry, dest: torch.Tensor, rows: list[tuple[int, int]], cols: tuple[int, int] | None,
+               chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Fill a contiguous `dest` with a slice of a tensor (see `slice_runs`), reading only the slice's
+    bytes and converting them a chunk at a time. Returns the bytes read."""
+    if entry.dtype not in DTYPES:
+        raise CheckpointError(f"{entry.file}: tensor {entry.name} has unsupported dtype {entry.dtype}")
+    src = DTYPES[entry.dtype]
+    flat = dest.view(-1)
+    buf = torch.empty(max(1, chunk_bytes // src.itemsize), dtype=src)
+    raw = memoryview(buf.view(torch.uint8).numpy())
+    filled = written = total = 0
+
+    def flush():
+        nonlocal filled, written
+        n = filled // src.itemsize
+        flat[written:written + n].copy_(buf[:n])
+        written, filled = written + n, 0
+
+    with open(entry.file, "rb", buffering=0) as f:  # unbuffered: each read is the slice's bytes, no more
+        for offset, nbytes in slice_runs(entry, rows, cols):
+            done = 0
+            while done < nbytes:
+                if filled == len(raw):
+                    flush()
+                n = min(nbytes - done, len(raw) - filled)
+                f.seek(offset + done)
+                if f.readinto(raw[filled:filled + n]) != n:
+                    raise CheckpointError(f"{entry.file}: truncated while reading tensor {entry.name}")
+                filled, done, total = filled + n, done + n, total + n
+        flush()
+    if written != flat.numel():
+        raise CheckpointError(f"{entry.file}: tensor {entry.name}: slice of {written} values for {flat.numel()}")
+    return total

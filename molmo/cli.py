@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
         g.add_argument("--seed", type=int, default=None)
         g.add_argument("--compile", action="store_true",
                        help="torch.compile the decode step: faster tokens after a one-time compilation")
+        if name != "batch":
+            g.add_argument("--tp", type=int, default=None,
+                           help="tensor parallelism over N processes: torchrun --nproc-per-node N ... --tp N")
         g.add_argument("--json", action="store_true", help="end with one JSON object")
         if name == "point":
             g.add_argument("--out", required=True, type=Path, help="where to write the marked image")
@@ -148,7 +151,7 @@ def _answer(a):
     from .model import Molmo
     from .preprocess import MolmoProcessor
 
-    device, dtype = _device_and_dtype(a)
+    device, dtype = _device_and_dtype(a, int(os.environ.get("LOCAL_RANK", "0")) if a.tp else 0)
     for img in a.image:
         if not img.is_file():
             raise ValueError(f"{img}: no such image file")
@@ -160,7 +163,7 @@ def _answer(a):
     processor = MolmoProcessor.from_pretrained(folder)
     inputs = processor.process(images=a.image or None, text=a.prompt)
     check_context(config, len(inputs["input_ids"]), a.max_new_tokens)  # before the (long) load
-    model = Molmo.from_pretrained(folder, dtype=dtype, device=device, quantize=a.quantize)
+    model = Molmo.from_pretrained(folder, dtype=dtype, device=device, quantize=a.quantize, tp=a.tp)
     load_s = time.perf_counter() - t0
 
     def show(row, delta):
@@ -208,7 +211,8 @@ def _point(a) -> int:
     result = _answer(a)
     image = Image.fromarray(load_image(a.image[0]))
     points = parse_points(result["text"], image.width, image.height)
-    draw_points(image, points).save(a.out)
+    if _rank() == 0:
+        draw_points(image, points).save(a.out)
     for i, p in enumerate(points, 1):
         print(f"{i}: x={p.x:.1f} y={p.y:.1f} {p.label}")
     print(f"{len(points)} point(s) drawn on {a.out}")
@@ -265,15 +269,39 @@ def _batch(a) -> int:
     return 0
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
+    parallel = getattr(a, "tp", None) is not None
+    if parallel and _rank() != 0:
+        sys.stdout = open(os.devnull, "w")  # rank 0 streams and reports; every rank computes the same tokens
     try:
         return {"inspect": _inspect, "generate": _generate, "point": _point, "batch": _batch}[a.command](a)
     except (ValueError, OSError) as e:  # our errors name the file / tensor / size; one line, no traceback
         print(f"molmo: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if not parallel:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"molmo: error: rank {_rank()}: a collective failed (another rank died or timed out): {first}",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        if parallel:
+            _close_process_group()
+
+
+def _close_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ up), H query heads, KV key/value heads, d head dim.
 from __future__ import annotations
 
 import torch
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
@@ -43,11 +44,22 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.group, self.full_dim = None, dim
+
+    def shard(self, local_dim: int, full_dim: int, group) -> None:
+        """Normalise this rank's `local_dim` features of a vector of `full_dim` split over the ranks
+        of `group` (tensor parallelism): the sum of squares is all-reduced."""
+        self.weight = nn.Parameter(torch.ones(local_dim, device=self.weight.device))
+        self.group, self.full_dim = group, full_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):  # statistics in fp32, whatever the mode
             h = x.float()
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+            if self.group is None:
+                ms = h.pow(2).mean(-1, keepdim=True)
+            else:
+                ms = funcol.all_reduce(h.pow(2).sum(-1, keepdim=True), "sum", self.group) / self.full_dim
+            h = h * torch.rsqrt(ms + self.eps)
         return self.weight * h.to(x.dtype)
 
 
@@ -239,9 +251,9 @@ class Decoder(nn.Module):
 
     def setup_cache(self, batch: int, max_len: int, dtype, device) -> None:
         """A KV cache of `max_len` columns on every attention layer (until `clear_cache`)."""
-        c = self.config
-        for block in self.blocks:
-            block.attn.cache = KVCache(batch, max_len, c.kv_heads, c.head_dim, dtype, device)
+        for block in self.blocks:  # a tensor-parallel rank: its own key/value heads
+            a = block.attn
+            a.cache = KVCache(batch, max_len, a.kv_heads, a.head_dim, dtype, device)
 
     def clear_cache(self) -> None:
         for block in self.blocks:

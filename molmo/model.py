@@ -18,6 +18,7 @@ from .connector import Connector
 from .generation import generate_from_batch
 from .hub import resolve_snapshot
 from .llm import Decoder, positions_and_mask, prompt_mask
+from .checkpoint import CheckpointError
 from .loading import load_weights
 from .loss import check_labels, loss_targets, weighted_loss
 from .quant import check_scheme, replace_linears, snapshot_scheme
@@ -57,13 +58,15 @@ class Molmo(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, dtype: str | torch.dtype = "fp32",
                         device: str | torch.device | None = None, revision: str | None = None,
-                        quantize: str | None = None) -> "Molmo":
+                        quantize: str | None = None, tp: int | None = None) -> "Molmo":
         """Load a Molmo snapshot: a local folder or a Hugging Face hub id (downloaded into the HF cache).
 
         dtype: "fp32", "autocast" (fp32 weights, bf16 matmuls) or "bf16" (also torch dtypes).
         device: defaults to CUDA when available.
         quantize: "int8" or "int4": the decoder's linear layers quantized while loading (`molmo.quant`).
         A quantized snapshot (convert_weights.py quantize) loads as saved, without this argument.
+        tp: tensor parallelism over this many processes, one per rank (launched by torchrun; see
+        `molmo.parallel`): each rank reads and holds its own slices of the decoder.
         """
         mode = precision_mode(dtype)
         check_scheme(quantize)
@@ -76,12 +79,31 @@ class Molmo(nn.Module):
         if stored and quantize and quantize != stored:
             raise ValueError(f"{folder}: the snapshot is quantized {stored}; it cannot load as {quantize}")
         model = cls.meta(config)
+        if tp is not None:
+            if stored or quantize:
+                raise ValueError(f"{folder}: tensor parallelism takes float weights, not {stored or quantize}")
+            return model._load_parallel(folder, tp, mode, device)
         if stored or quantize:
             replace_linears(model, stored or quantize)
         load_weights(model, folder, dtype=torch.bfloat16 if mode == "bf16" else torch.float32, device=device,
                      stored_quantized=stored is not None)
         model.mode = mode
         return model
+
+    def _load_parallel(self, folder: Path, tp: int, mode: str, device: torch.device) -> "Molmo":
+        from .checkpoint import snapshot_tensors
+        from .loading import check_snapshot
+        from .parallel import load_shards, parallelize, rank_device, tp_mesh
+
+        report = check_snapshot(self, snapshot_tensors(folder))  # the whole model's layout, before splitting
+        if not report.ok:
+            raise CheckpointError(f"{folder}: {report.first_problem()}")
+        device = rank_device(device)
+        self.split = parallelize(self, tp_mesh(tp, device))
+        self.bytes_read = load_shards(self, folder, self.split, torch.bfloat16 if mode == "bf16" else torch.float32,
+                                      device)
+        self.mode = mode
+        return self.eval()
 
     @property
     def quantization(self) -> str | None:

@@ -5,11 +5,16 @@ check, then `parity: N passed, M failed` (exit 1 on any failure).
 
     python scripts/parity.py --golden ../shared/golden --tokenizer ../shared/tokenizer --out /tmp/parity
     python scripts/parity.py --live --reference-code DIR --model DIR --image PATH --prompt TEXT
+    torchrun --nproc-per-node 2 scripts/parity.py --golden DIR --tokenizer DIR --out DIR --tp 2
+
+With --tp N the model section runs the tensor-parallel model (`molmo.parallel`), one process per
+rank; rank 0 prints and writes, and the train section is left out.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -90,10 +95,12 @@ def last_real(ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def run_model(golden: Path, out: Path, device: str, check: Checks, modes: list[str], compile: bool = False) -> None:
+def run_model(golden: Path, out: Path, device: str, check: Checks, modes: list[str], compile: bool = False,
+              tp: int | None = None) -> None:
     cases = json.loads((golden / "cases.json").read_text())
+    write = int(os.environ.get("RANK", "0")) == 0
     out.mkdir(parents=True, exist_ok=True)
-    model = Molmo.from_pretrained(golden / "checkpoint", dtype="fp32", device=device)
+    model = Molmo.from_pretrained(golden / "checkpoint", dtype="fp32", device=device, tp=tp)
     ref = {c["name"]: load_file(str(golden / f"{c['name']}.safetensors")) for c in cases}
     mine = {c["name"]: {k: v for k, v in ref[c["name"]].items() if k.startswith("input.")} for c in cases}
     for key in [k for k in MODES if k in modes]:
@@ -120,8 +127,10 @@ def run_model(golden: Path, out: Path, device: str, check: Checks, modes: list[s
         wanted = {k for k in keys if k.split(".")[0] in ("input",) + tuple(m for m in MODES if m in modes)}
         missing = sorted(wanted - set(mine[name]))
         check(not missing, f"model {name} outputs", f"not produced: {missing}" if missing else "all keys written")
-        save_file({k: v.contiguous() for k, v in mine[name].items() if k in keys}, str(out / f"{name}.safetensors"))
-    (out / "cases.json").write_text((golden / "cases.json").read_text())
+        if write:
+            save_file({k: v.contiguous() for k, v in mine[name].items() if k in keys}, str(out / f"{name}.safetensors"))
+    if write:
+        (out / "cases.json").write_text((golden / "cases.json").read_text())
 
 
 def compare_model_case(name: str, key: str, r: dict, m: dict, check: Checks) -> None:
@@ -236,7 +245,10 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", default="Describe this image.")
     p.add_argument("--record", type=Path, help="with --live: write a golden folder from the run")
     p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks of the model section (torchrun)")
     a = p.parse_args(argv)
+    if a.tp is not None and int(os.environ.get("RANK", "0")) != 0:
+        sys.stdout = open(os.devnull, "w")  # rank 0 reports
     modes = [{"autocast": "autocast_bf16"}.get(m.strip(), m.strip()) for m in a.modes.split(",")]
     if a.live:
         from live_parity import run_live
@@ -258,8 +270,14 @@ def main(argv=None) -> int:
         if (a.golden / "preprocess").is_dir():
             run_preprocess(a.golden / "preprocess", a.out / "preprocess", MolmoProcessor(tok), check)
     if (a.golden / "model").is_dir():
-        run_model(a.golden / "model", a.out / "model", a.device, check, modes, a.compile)
-    if (a.golden / "train").is_dir():
+        try:
+            run_model(a.golden / "model", a.out / "model", a.device, check, modes, a.compile, a.tp)
+        except ValueError as e:  # a bad launch: --tp against the processes, the device
+            print(f"parity.py: error: {e}", file=sys.stderr)
+            return 2
+    if (a.golden / "train").is_dir() and a.tp is not None:
+        print("train section: not run with --tp (tensor parallelism serves inference)")
+    elif (a.golden / "train").is_dir():
         run_train(a.golden / "train", a.golden / "model" / "checkpoint", a.out / "train", a.device, check, modes)
     print(f"parity: {check.passed} passed, {check.failed} failed")
     return 1 if check.failed else 0
