@@ -238,7 +238,7 @@ def slice_runs(entry: TensorEntry, rows: list[tuple[int, int]], cols: tuple[int,
 def read_slice(entry: TensorEntry, dest: torch.Tensor, rows: list[tuple[int, int]], cols: tuple[int, int] | None,
                chunk_bytes: int = CHUNK_BYTES) -> int:
     """Fill a contiguous `dest` with a slice of a tensor (see `slice_runs`), reading only the slice's
-    bytes and converting them a chunk at a time. Returns the bytes read."""
+    bytes and converting them a chunk at a time; float values are checked finite. Returns the bytes read."""
     if entry.dtype not in DTYPES:
         raise CheckpointError(f"{entry.file}: tensor {entry.name} has unsupported dtype {entry.dtype}")
     src = DTYPES[entry.dtype]
@@ -250,6 +250,8 @@ def read_slice(entry: TensorEntry, dest: torch.Tensor, rows: list[tuple[int, int
     def flush():
         nonlocal filled, written
         n = filled // src.itemsize
+        if src.is_floating_point and not bool(buf[:n].isfinite().all()):
+            raise CheckpointError(f"{entry.file}: tensor {entry.name} holds non-finite values (NaN or Inf)")
         flat[written:written + n].copy_(buf[:n])
         written, filled = written + n, 0
 

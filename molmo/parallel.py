@@ -26,7 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
-from .checkpoint import CheckpointError, read_slice, snapshot_tensors
+from .checkpoint import read_slice, snapshot_tensors
 from .config import LLMConfig
 from .names import published_name
 
@@ -144,6 +144,7 @@ def _meta_linear(n_in: int, n_out: int, bias: bool) -> nn.Module:
         return Linear(n_in, n_out, bias=bias)
 
 
+@torch.no_grad()
 def load_shards(model: nn.Module, folder: str | Path, split: Split, dtype: torch.dtype, device) -> int:
     """Fill a parallelized meta-device model with this rank's slices of the snapshot in `folder`
     (checked beforehand against the whole model). Returns the bytes this rank read."""
@@ -156,13 +157,32 @@ def load_shards(model: nn.Module, folder: str | Path, split: Split, dtype: torch
         e = entries[published_name(name)]
         where = local_slice(name, c, split)
         rows, cols = where if where is not None else ([(0, e.shape[0])], None)
-        staged = torch.empty(local.shape, dtype=local.dtype)  # read on the host, then moved
-        total += read_slice(e, staged, rows, cols)
-        if not bool(staged.isfinite().all()):
-            raise CheckpointError(f"{e.file}: tensor {e.name} holds non-finite values (NaN or Inf)")
-        with torch.no_grad():
+        staged = local if local.is_cpu else torch.empty(local.shape, dtype=local.dtype)  # via the host
+        total += read_slice(e, staged, rows, cols)  # checks the values are finite
+        if staged is not local:
             local.copy_(staged)
     return total
+
+
+def weights_per_rank_gb(config, tp: int, itemsize: int = 2) -> float:
+    """The weights one rank of `tp` holds, in GB (the largest share; bf16 by default)."""
+    from .model import Molmo
+
+    model = Molmo.meta(config)
+    most = 0
+    for rank in range(tp):
+        s = plan(config.llm, tp, rank)
+        n = 0
+        for name, p in model.named_parameters():
+            where = local_slice(name, config.llm, s)
+            if where is None:
+                n += p.numel()
+            else:
+                rows, cols = where
+                width = p.shape[1] if p.dim() > 1 and cols is None else (cols[1] - cols[0] if cols else 1)
+                n += sum(b - a for a, b in rows) * width
+        most = max(most, n)
+    return most * itemsize / 1e9
 
 
 def tp_mesh(tp: int, device: torch.device) -> DeviceMesh:

@@ -33,6 +33,7 @@ import argparse
 import ctypes
 import gc
 import json
+import os
 import resource
 import shutil
 import statistics
@@ -114,6 +115,8 @@ def _child(code: str) -> dict:
 def bench_load(a) -> dict:
     folder = synthetic_7b(Path(a.dir))
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    if a.tp:
+        return _bench_load_tp(a, folder, size)
     out = _child(f"""
 import json, resource, time, sys
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
@@ -128,6 +131,40 @@ print(json.dumps({{"load_s": dt, "peak_rss_gb": resource.getrusage(resource.RUSA
     target = 17.5 if a.quantize is None else round(out["model_gb"] + 1, 2)  # quantized: its size + 1 GB
     return {"workload": "load", "quantize": a.quantize, "checkpoint_gb": round(size / 1e9, 2), **out,
             "target_peak_rss_gb": target}
+
+
+TP_LOAD = """
+import json, resource, sys, time
+import torch.distributed as dist
+from molmo import Molmo
+t = time.perf_counter()
+m = Molmo.from_pretrained(sys.argv[1], dtype="bf16", device="cpu", tp=int(sys.argv[2]))
+mine = {"load_s": time.perf_counter() - t, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        "bytes_read_gb": m.bytes_read / 1e9,
+        "held_gb": sum(p.to_local().nbytes if hasattr(p, "to_local") else p.nbytes for p in m.parameters()) / 1e9}
+every = [None] * dist.get_world_size()
+dist.all_gather_object(every, mine)
+if dist.get_rank() == 0:
+    print(json.dumps(every))
+dist.destroy_process_group()
+"""
+
+
+def _bench_load_tp(a, folder: Path, size: int) -> dict:
+    """Tensor-parallel loading in bf16: torchrun with --tp processes; the peak RSS of each rank."""
+    script = Path(a.dir) / "tp_load.py"
+    script.write_text(TP_LOAD)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.tp), str(script),
+                        str(folder), str(a.tp)], capture_output=True, text=True, env=env)
+    if r.returncode:
+        raise RuntimeError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "torchrun failed")
+    ranks = json.loads(r.stdout.strip().splitlines()[-1])
+    weights_gb = size / 2 / 1e9  # the fp32 checkpoint held in bf16
+    return {"workload": "load", "tp": a.tp, "checkpoint_gb": round(size / 1e9, 2), "weights_bf16_gb": round(weights_gb, 2),
+            "ranks": [{k: round(v, 3) for k, v in x.items()} for x in ranks],
+            "max_peak_rss_gb": round(max(x["peak_rss_gb"] for x in ranks), 3),
+            "max_read_fraction": round(max(x["bytes_read_gb"] for x in ranks) * 1e9 / size, 3)}
 
 
 def bench_convert(a) -> dict:
@@ -508,6 +545,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", choices=["mid", "full"], default="mid", help="train, batch: the mid model or the full 7B-D")
     p.add_argument("--lora-rank", type=int, default=0, help="train: LoRA adapters of this rank (0: all weights)")
     p.add_argument("--quantize", choices=["int8", "int4"], help="load: quantize while loading; full: quantize the decoder")
+    p.add_argument("--tp", type=int, default=None, help="load: tensor parallelism over this many processes (torchrun)")
     p.add_argument("--reference-code", help="mid: also time the official code (folder of its .py files)")
     a = p.parse_args(argv)
     fn = {"load": bench_load, "convert": bench_convert, "preprocess": bench_preprocess, "mid": bench_mid,

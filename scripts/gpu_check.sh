@@ -44,6 +44,7 @@ train() {  # name, extra flags
 }
 
 parity parity
+parity parity_tp1 --tp 1   # the tensor-parallel code path (DTensor, NCCL) on the one GPU
 bench bench_full
 bench bench_full_compiled --compile
 parity parity_compiled --compile
@@ -54,7 +55,7 @@ timeout 300 $PY scripts/bench.py --workload batch --size full --device cuda --to
 train train_lora --lora-rank 8 --gradient-checkpointing
 train train_full
 
-$PY - "$OUT" <<'PY'
+$PY - "$OUT" "$(dirname "$GOLDEN")" <<'PY'
 import json, sys
 out = sys.argv[1]
 def last(name):
@@ -68,7 +69,17 @@ def summary(name):
     except Exception as e:
         return str(e)
 rows = [("parity (CUDA, fp32/autocast/bf16)", summary("parity")),
+        ("parity, tensor-parallel path --tp 1", summary("parity_tp1")),
         ("parity, compiled decode step", summary("parity_compiled"))]
+try:  # what --tp N would hold per GPU (bf16 weights; ViT and connector replicated)
+    from molmo.config import MolmoConfig
+    from molmo.parallel import weights_per_rank_gb
+    for name, folder, tps in (("7B-D", "checkpoint-facts", (1, 2)), ("72B", "checkpoint-facts-72b", (1, 2, 4, 8))):
+        c = MolmoConfig.from_hf(f"{sys.argv[2]}/{folder}")
+        rows.append((f"{name}: bf16 weights per GPU at --tp " + "/".join(map(str, tps)),
+                     " / ".join(f"{weights_per_rank_gb(c, tp):.1f} GB" for tp in tps) + " (plus KV cache, activations)"))
+except Exception as e:
+    rows.append(("weights per GPU under --tp", f"not computed: {e}"))
 for name, label in (("bench_full", "eager + CUDA graph"), ("bench_full_compiled", "compiled + CUDA graph")):
     r = last(name)
     rows += [(f"7B-D bf16, {label}", ""),

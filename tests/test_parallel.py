@@ -71,6 +71,18 @@ def test_read_slice_reads_exactly_the_slice_bytes_and_values(tmp_path):
     assert torch.equal(dest, want) and n == 15 * 7 * 2
 
 
+def test_a_slice_holding_nan_is_refused_naming_file_and_tensor(tmp_path):
+    from molmo.checkpoint import CheckpointError, write_safetensors
+
+    full = torch.zeros(8, 4)
+    full[6, 1] = float("nan")
+    write_safetensors(tmp_path / "t.safetensors", [("w", (8, 4), torch.float32)], lambda n: full)
+    e = read_header(tmp_path / "t.safetensors")["w"]
+    read_slice(e, torch.empty(4, 4), [(0, 4)], None)  # the rows without it read fine
+    with pytest.raises(CheckpointError, match=r"t.safetensors: tensor w holds non-finite values"):
+        read_slice(e, torch.empty(4, 4), [(4, 8)], None)
+
+
 def test_tp_not_equal_to_the_number_of_processes_is_one_clear_error():
     with pytest.raises(ValueError, match=r"tp=2 needs 2 processes.*torchrun --nproc-per-node 2.*this run has 1"):
         tp_mesh(2, torch.device("cpu"))
@@ -172,3 +184,50 @@ def test_a_rank_that_dies_stops_the_other_with_an_error_instead_of_a_hang(text_m
     assert dying.returncode == 3
     assert survivor.returncode != 0 and time.monotonic() - t0 < 120
     assert "molmo: error: rank 0: a collective failed" in err and "Traceback" not in err, err[-2000:]
+
+
+FACTS_72B = SHARED / "checkpoint-facts-72b"
+
+
+def test_inspect_reports_the_72b_configuration_at_its_published_size():
+    r = subprocess.run([sys.executable, "-m", "molmo", "inspect", "--model", str(FACTS_72B), "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert json.loads(r.stdout.splitlines()[-1])["total_parameters"] == 73_308_285_952
+
+
+def test_weights_per_rank_are_the_whole_model_on_one_and_near_1_over_n_on_more():
+    from molmo.parallel import weights_per_rank_gb
+
+    d, big = MolmoConfig.from_hf(FACTS), MolmoConfig.from_hf(FACTS_72B)
+    assert weights_per_rank_gb(d, 1) == 8_021_025_280 * 2 / 1e9
+    assert weights_per_rank_gb(d, 2) < 0.53 * weights_per_rank_gb(d, 1)  # the ViT is replicated
+    assert weights_per_rank_gb(big, 8) < 0.135 * weights_per_rank_gb(big, 1)
+
+
+def test_a_72b_snapshot_with_a_wrong_shape_is_named_before_anything_is_read(tmp_path):
+    """The 72B layout as sparse files (headers only, the data holes), one tensor cut short."""
+    from molmo.checkpoint import CheckpointError, write_snapshot
+    from molmo.loading import expected_tensors
+
+    config = MolmoConfig.from_hf(FACTS_72B)
+    shapes = expected_tensors(Molmo.meta(config))
+    bad = "model.transformer.blocks.41.ff_out.weight"
+    shapes[bad] = (8192, 29000)
+    write_snapshot(tmp_path, [(n, s, torch.bfloat16) for n, s in shapes.items()], None, max_shard_bytes=20 << 30)
+    (tmp_path / "config.json").write_text((FACTS_72B / "config.json").read_text())
+    with pytest.raises(CheckpointError, match=rf"wrong shape: {bad} in model-000\d\d-of-000\d\d.safetensors: "
+                                              r"\[8192, 29000\], expected \[8192, 29568\]"):
+        Molmo.from_pretrained(tmp_path, dtype="bf16", device="cpu")
+    r = subprocess.run([sys.executable, "-m", "molmo", "inspect", "--model", str(tmp_path), "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and json.loads(r.stdout.splitlines()[-1])["weights"]["wrong_shape"][0].startswith(bad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("golden", [GOLDEN, SHARED / "golden-7b-o"], ids=["7b_d", "7b_o"])
+def test_parity_script_on_two_ranks_passes_the_golden_model_cases(golden, tmp_path):
+    r = torchrun("scripts/parity.py", "--golden", golden, "--tokenizer", SHARED / "tokenizer", "--out", tmp_path,
+                 "--tp", 2, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert r.stdout.count("parity:") == 1 and ", 0 failed" in r.stdout  # rank 0 reports
+    assert "PASS model one_image fp32.logits" in r.stdout and (tmp_path / "model" / "one_image.safetensors").is_file()
