@@ -164,22 +164,21 @@ def load_shards(model: nn.Module, folder: str | Path, split: Split, dtype: torch
     return total
 
 
-def weights_per_rank_gb(config, tp: int, itemsize: int = 2) -> float:
-    """The weights one rank of `tp` holds, in GB (the largest share; bf16 by default)."""
-    from .model import Molmo
-
-    model = Molmo.meta(config)
+def weights_per_rank_gb(model: nn.Module, tp: int, itemsize: int = 2) -> float:
+    """The weights one rank of `tp` would hold of `model` (a whole one: `Molmo.meta(config)`), in GB:
+    the largest share, bf16 by default."""
+    c = model.config.llm
     most = 0
     for rank in range(tp):
-        s = plan(config.llm, tp, rank)
+        s = plan(c, tp, rank)
         n = 0
         for name, p in model.named_parameters():
-            where = local_slice(name, config.llm, s)
+            where = local_slice(name, c, s)
             if where is None:
                 n += p.numel()
             else:
                 rows, cols = where
-                width = p.shape[1] if p.dim() > 1 and cols is None else (cols[1] - cols[0] if cols else 1)
+                width = (cols[1] - cols[0]) if cols else (p.shape[1] if p.dim() > 1 else 1)
                 n += sum(b - a for a, b in rows) * width
         most = max(most, n)
     return most * itemsize / 1e9

@@ -73,9 +73,10 @@ rows = [("parity (CUDA, fp32/autocast/bf16)", summary("parity")),
         ("parity, compiled decode step", summary("parity_compiled"))]
 try:  # what --tp N would hold per GPU (bf16 weights; ViT and connector replicated)
     from molmo.config import MolmoConfig
+    from molmo.model import Molmo
     from molmo.parallel import weights_per_rank_gb
     for name, folder, tps in (("7B-D", "checkpoint-facts", (1, 2)), ("72B", "checkpoint-facts-72b", (1, 2, 4, 8))):
-        c = MolmoConfig.from_hf(f"{sys.argv[2]}/{folder}")
+        c = Molmo.meta(MolmoConfig.from_hf(f"{sys.argv[2]}/{folder}"))
         rows.append((f"{name}: bf16 weights per GPU at --tp " + "/".join(map(str, tps)),
                      " / ".join(f"{weights_per_rank_gb(c, tp):.1f} GB" for tp in tps) + " (plus KV cache, activations)"))
 except Exception as e:

@@ -198,7 +198,7 @@ def test_inspect_reports_the_72b_configuration_at_its_published_size():
 def test_weights_per_rank_are_the_whole_model_on_one_and_near_1_over_n_on_more():
     from molmo.parallel import weights_per_rank_gb
 
-    d, big = MolmoConfig.from_hf(FACTS), MolmoConfig.from_hf(FACTS_72B)
+    d, big = Molmo.meta(MolmoConfig.from_hf(FACTS)), Molmo.meta(MolmoConfig.from_hf(FACTS_72B))
     assert weights_per_rank_gb(d, 1) == 8_021_025_280 * 2 / 1e9
     assert weights_per_rank_gb(d, 2) < 0.53 * weights_per_rank_gb(d, 1)  # the ViT is replicated
     assert weights_per_rank_gb(big, 8) < 0.135 * weights_per_rank_gb(big, 1)
