@@ -16,6 +16,7 @@ from torch import nn
 from .config import MolmoConfig
 from .connector import Connector
 from .generation import generate_from_batch
+from .layers import Linear, can_pack
 from .hub import resolve_snapshot
 from .llm import Decoder, positions_and_mask, prompt_mask
 from .checkpoint import CheckpointError
@@ -104,6 +105,22 @@ class Molmo(nn.Module):
                                       device)
         self.mode = mode
         return self.eval()
+
+    def pack_for_inference(self, enabled: bool = True) -> bool:
+        """Pack the decoder's linear weights in oneDNN's layout when that makes CPU decoding faster
+        (fp32; bf16 on CPUs with bf16 math; not in autocast mode, training or tensor parallelism),
+        or with enabled=False unpack them (torch.compile takes plain weights). Generation calls it;
+        a forward that needs weight gradients, `.to()` and saving see plain weights again
+        (`molmo.layers.Linear`). Returns whether the weights are packed."""
+        if not enabled or self.training or self.mode == "autocast" or not can_pack(self.llm):
+            for m in self.llm.modules():
+                if isinstance(m, Linear):
+                    m.unpack()
+            return False
+        for m in self.llm.modules():
+            if isinstance(m, Linear):
+                m.pack()  # one at a time: no second copy of the weights
+        return True
 
     @property
     def quantization(self) -> str | None:

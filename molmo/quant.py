@@ -186,6 +186,7 @@ def quantize_model(model: nn.Module, scheme: str) -> nn.Module:
     check_scheme(scheme)
     for name in quantizable(model):
         old = model.get_submodule(name)
+        getattr(old, "unpack", lambda: None)()  # plain weights, if generation packed them (`molmo.layers.Linear.pack`)
         parent, _, attr = name.rpartition(".")
         with torch.device("meta"):
             new = QuantLinear(scheme, old.in_features, old.out_features, old.bias is not None)

@@ -269,10 +269,10 @@ def bench_mid(a) -> dict:
     model = random_model(MID, dtype=torch.bfloat16 if mode == "bf16" else torch.float32, device=device)
     model.mode = mode
     inputs = _image_inputs(480, 640, 1, 12)
-    timings = _decode_bench(model, inputs, 128, device, a.compile)
-    reference = _reference_mid(a, model, inputs, mode) if a.reference_code else None
     llm = model.llm
     per_token = sum(p.numel() * p.element_size() for n, p in llm.named_parameters() if not n.startswith("embed"))
+    timings = _decode_bench(model, inputs, a.new_tokens or 128, device, a.compile)
+    reference = _reference_mid(a, model, inputs, mode) if a.reference_code else None
     bw = copy_bandwidth_gb_s(device)
     read = read_bandwidth_gb_s(per_token, device)
     bound = read * 1e9 / per_token
@@ -295,7 +295,7 @@ def _reference_mid(a, model, inputs, mode) -> dict:
     _install_standins()
     ref = load_reference(Path(a.reference_code))
     rm = ref.modeling.MolmoForCausalLM(ref.config.MolmoConfig(**MID.to_hf()))
-    rm.load_state_dict({published_name(n): p.float() for n, p in model.named_parameters()}, strict=True)
+    rm.load_state_dict({published_name(n): p.float() for n, p in model.state_dict().items()}, strict=True)
     rm = rm.eval().to(torch.bfloat16 if mode == "bf16" else torch.float32)
     batch = {k: v[None] for k, v in inputs.items()}
     if mode == "bf16":
@@ -399,6 +399,7 @@ def bench_full(a) -> dict:
         quantize_model(model, a.quantize)
     inputs = _image_inputs(1080, 1920, 12, 12)  # 1 global + 12 crops
     n_crops = inputs["images"].shape[0]
+    per_token = sum(t.numel() * t.element_size() for n, t in model.llm.state_dict().items() if not n.startswith("embed"))
     timings = _decode_bench(model, inputs, a.new_tokens or 128, device, a.compile)
     ttft = [generate(model, inputs, max_new_tokens=1).timings["prefill_s"] for _ in range(5)]
     images, masks = (inputs[k][None].to(device) for k in ("images", "image_masks"))
@@ -410,7 +411,6 @@ def bench_full(a) -> dict:
             model.image_features(images, masks)
             _sync(device)
             vision.append(time.perf_counter() - t)
-    per_token = sum(t.numel() * t.element_size() for n, t in model.llm.state_dict().items() if not n.startswith("embed"))
     hbm = a.hbm_gb_s or copy_bandwidth_gb_s(device)
     bound = hbm * 1e9 / per_token
     rate = timings.get("steady_tokens_per_s", timings["tokens_per_s"])

@@ -276,3 +276,21 @@ def test_non_finite_logits_stop_generation_naming_the_step(tiny_dir, temperature
         model.llm.blocks[0].mlp.down.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite logits \\(NaN or Inf\\) at new token 1"):
         generate(model, _example(), max_new_tokens=12, temperature=temperature)
+
+
+def test_generation_packs_the_decoder_weights_once_and_keeps_its_tokens(tiny_dir):
+    """The packed CPU decode path (molmo.layers.Linear.pack) against the plain one: same greedy
+    tokens; the model's state dict unchanged; training and .to() see plain weights again."""
+    from molmo.layers import Linear
+
+    model = Molmo.from_pretrained(tiny_dir, device="cpu")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ex = _example(3)
+    plain = _greedy_by_recomputation(model, ex, 10)  # forward calls: plain weights
+    got = generate(model, ex, max_new_tokens=10, stop_on_eos=False)
+    linears = [m for m in model.llm.modules() if isinstance(m, Linear)]
+    assert all(m.packed is not None for m in linears) == model.pack_for_inference()
+    assert got.tokens[0].tolist() == plain
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    model.set_mode("bf16")  # .to(): plain again, converted
+    assert all(m.packed is None and m.weight.dtype == torch.bfloat16 for m in linears)

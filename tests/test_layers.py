@@ -32,3 +32,40 @@ def test_single_rows_and_fp32_take_the_plain_kernel():
     layer32 = layer.float()
     x32 = x.float()
     assert torch.equal(layer32(x32), F.linear(x32, layer32.weight, layer32.bias))
+
+
+def _fp32_layer(n_in=96, n_out=80):
+    torch.manual_seed(1)
+    return Linear(n_in, n_out), torch.randn(3, 5, n_in)
+
+
+def test_packed_layer_gives_the_plain_product_and_unpacks_to_the_same_parameter_bit_for_bit():
+    layer, x = _fp32_layer()
+    weight, before = layer.weight, layer.weight.detach().clone()
+    want = layer(x)
+    layer.pack()
+    assert layer.packed is not None and layer.weight.numel() == 0  # the values live once, packed
+    with torch.no_grad():
+        got = layer(x)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(layer.state_dict()["weight"], before)  # saved plain
+    layer.unpack()
+    assert layer.weight is weight and torch.equal(layer.weight, before)  # optimizers keep their parameter
+
+
+def test_a_forward_that_needs_weight_gradients_unpacks_first():
+    layer, x = _fp32_layer()
+    layer.pack()
+    layer(x).sum().backward()
+    assert layer.packed is None and layer.weight.grad is not None and layer.weight.grad.shape == (80, 96)
+
+
+def test_to_and_load_state_dict_work_on_the_plain_weight():
+    layer, x = _fp32_layer()
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.pack()
+    layer.to(torch.bfloat16)
+    assert layer.packed is None and layer.weight.dtype == torch.bfloat16 and layer.weight.shape == (80, 96)
+    layer.float().pack()
+    layer.load_state_dict(state)
+    assert layer.packed is None and torch.equal(layer.weight, state["weight"])
