@@ -29,16 +29,17 @@ class Linear(nn.Linear):
     `pack()` moves the weight's values into oneDNN's blocked layout (`self.packed`; the parameter
     keeps its identity with an empty storage, so nothing is held twice): one- and few-row products
     then stream the weight about twice as fast as torch's default on CPU (decoding). Anything that
-    needs the plain weight gets it back first: a forward that needs its gradient, `.to()`, saving,
-    loading, `unpack()`."""
+    needs the plain weight gets it back first: a forward that needs its gradient, runs under autocast
+    or in another dtype, `.to()`, saving, loading, `unpack()`."""
 
     packed: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            if not (torch.is_grad_enabled() and self.weight.requires_grad):
+            if (x.dtype == self.packed.dtype and not torch.is_autocast_enabled(x.device.type)
+                    and not (torch.is_grad_enabled() and self.weight.requires_grad)):
                 return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
-            self.unpack()  # training: the plain weight and its gradient
+            self.unpack()  # gradients, autocast or another dtype: the plain weight, as before packing
         if (x.is_cpu and x.dtype == self.weight.dtype == torch.bfloat16
                 and x.numel() >= MIN_ROWS * x.shape[-1] and not cpu_has_bf16_math()):
             bias = None if self.bias is None else self.bias.float()

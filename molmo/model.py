@@ -112,7 +112,8 @@ class Molmo(nn.Module):
         or with enabled=False unpack them (torch.compile takes plain weights). Generation calls it;
         a forward that needs weight gradients, `.to()` and saving see plain weights again
         (`molmo.layers.Linear`). Returns whether the weights are packed."""
-        if not enabled or self.training or self.mode == "autocast" or not can_pack(self.llm):
+        if (not enabled or self.training or self.mode == "autocast" or torch.is_autocast_enabled("cpu")
+                or not can_pack(self.llm)):
             for m in self.llm.modules():
                 if isinstance(m, Linear):
                     m.unpack()

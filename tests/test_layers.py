@@ -60,6 +60,16 @@ def test_a_forward_that_needs_weight_gradients_unpacks_first():
     assert layer.packed is None and layer.weight.grad is not None and layer.weight.grad.shape == (80, 96)
 
 
+def test_under_autocast_a_packed_layer_computes_as_a_plain_one():
+    layer, x = _fp32_layer()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = layer(x)
+        layer.pack()
+        got = layer(x.bfloat16())  # a bf16 input, as autocast's other products give
+    assert layer.packed is None and got.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+
+
 def test_to_and_load_state_dict_work_on_the_plain_weight():
     layer, x = _fp32_layer()
     state = {k: v.clone() for k, v in layer.state_dict().items()}
