@@ -113,7 +113,7 @@ class Molmo(nn.Module):
         a forward that needs weight gradients, `.to()` and saving see plain weights again
         (`molmo.layers.Linear`). Returns whether the weights are packed."""
         if (not enabled or self.training or self.mode == "autocast" or torch.is_autocast_enabled("cpu")
-                or not can_pack(self.llm)):
+                or getattr(self, "split", None) is not None or not can_pack(self.llm)):
             for m in self.llm.modules():
                 if isinstance(m, Linear):
                     m.unpack()
