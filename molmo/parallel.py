@@ -15,6 +15,7 @@ Parameters are DTensors (`parallelize_module`); each rank reads only its own sli
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -44,6 +45,11 @@ class Split:
     kv_heads: Span | None
     mlp: Span | None
     vocab: Span | None
+
+    def whole(self) -> list[str]:
+        """The parts every rank holds whole (sizes that do not split over the ranks)."""
+        return [part for part, span in (("attention", self.heads), ("MLP", self.mlp), ("vocabulary", self.vocab))
+                if span is None and self.tp > 1]
 
 
 def _share(n: int, tp: int, rank: int) -> Span | None:
@@ -114,6 +120,10 @@ def parallelize(model: nn.Module, mesh: DeviceMesh) -> Split:
     c = model.config.llm
     tp = mesh.size()
     s = plan(c, tp, mesh.get_local_rank())
+    if s.whole() and mesh.get_local_rank() == 0:
+        warnings.warn(f"tp={tp}: the {', '.join(s.whole())} of this model ({c.heads} heads, {c.kv_heads} key/value "
+                      f"heads, {c.mlp_hidden} MLP columns, {c.vocab} rows) cannot be split evenly over {tp} ranks "
+                      f"and stay whole on every rank", stacklevel=2)
     styles: dict[str, ParallelStyle] = {}
     for i, block in enumerate(model.llm.blocks):
         a, mlp = block.attn, block.mlp

@@ -46,6 +46,8 @@ def test_fewer_kv_heads_than_ranks_gives_each_rank_a_copy_of_the_one_its_queries
 def test_sizes_that_do_not_divide_stay_whole():
     s = plan(llm(hidden=96, heads=6, kv_heads=3, intermediate=198, vocab=511).llm, 2, 0)
     assert (s.heads, s.kv_heads, s.mlp, s.vocab) == (None, None, None, None)
+    assert s.whole() == ["attention", "MLP", "vocabulary"]  # named in the warning parallelize gives
+    assert plan(MolmoConfig.from_hf(FACTS).llm, 32, 0).whole() == ["attention"]  # 28 heads over 32 ranks
     assert plan(llm(heads=4, kv_heads=1, qk_norm=True).llm, 2, 0).heads is None  # the k norm spans all kv heads
 
 
