@@ -47,6 +47,7 @@ def add_lora(model: Molmo, rank: int, alpha: float | None = None, targets: Itera
     except ImportError:
         raise ImportError('LoRA needs peft: pip install -e ".[train]" (or pip install peft)') from None
     config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, target_modules=list(targets), lora_dropout=0.0)
+    model.pack_for_inference(enabled=False)  # peft reads the plain weights
     return get_peft_model(model, config)
 
 
@@ -57,6 +58,7 @@ def unwrap(model: nn.Module) -> Molmo:
 
 def merged(model: nn.Module) -> Molmo:
     """The Molmo inside a peft wrapper with its LoRA adapters merged into the weights; or the model."""
+    unwrap(model).pack_for_inference(enabled=False)  # merging adds into the plain weights
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 

@@ -145,3 +145,19 @@ def test_saved_snapshot_has_published_names_and_loads_back(tmp_path, tiny_dir):
     assert set(saved) == {published_name(n) for n, _ in model.named_parameters()}
     back = Molmo.from_pretrained(tmp_path / "out", device="cpu")
     assert all(torch.equal(p, dict(back.named_parameters())[n]) for n, p in model.named_parameters())
+
+
+def test_lora_wrapped_model_generates_on_packed_weights_and_still_merges():
+    pytest.importorskip("peft")
+    from molmo.generation import generate
+
+    model = random_model(MolmoConfig.tiny(), seed=0)
+    generate(model, {"input_ids": torch.arange(1, 9)}, max_new_tokens=3)  # packs the decoder on CPU
+    peft_model = training.add_lora(model, rank=4)  # unpacks first: peft reads plain weights
+    torch.nn.init.normal_(peft_model.base_model.model.llm.blocks[0].attn.qkv.lora_B.default.weight)
+    batch = golden_batch_tiny()
+    with torch.no_grad():
+        generate(peft_model, {"input_ids": torch.arange(1, 9)}, max_new_tokens=3)  # packs the base layers
+        unmerged = peft_model(**batch).logits
+        merged = training.merged(peft_model)
+        assert rel(merged(**batch).logits, unmerged) < 1e-5
