@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import CheckpointError
 from .config import MolmoConfig
 from .connector import Connector
 from .generation import generate_from_batch
-from .layers import Linear, can_pack
 from .hub import resolve_snapshot
+from .layers import Linear, can_pack
 from .llm import Decoder, positions_and_mask, prompt_mask
-from .checkpoint import CheckpointError
 from .loading import load_weights
 from .loss import check_labels, loss_targets, weighted_loss
 from .quant import check_scheme, replace_linears, snapshot_scheme
@@ -112,16 +112,12 @@ class Molmo(nn.Module):
         or with enabled=False unpack them (torch.compile takes plain weights). Generation calls it;
         a forward that needs weight gradients, `.to()` and saving see plain weights again
         (`molmo.layers.Linear`). Returns whether the weights are packed."""
-        if (not enabled or self.training or self.mode == "autocast" or torch.is_autocast_enabled("cpu")
-                or getattr(self, "split", None) is not None or not can_pack(self.llm)):
-            for m in self.llm.modules():
-                if isinstance(m, Linear):
-                    m.unpack()
-            return False
+        pack = (enabled and not self.training and self.mode != "autocast" and not torch.is_autocast_enabled("cpu")
+                and getattr(self, "split", None) is None and can_pack(self.llm))
         for m in self.llm.modules():
             if isinstance(m, Linear):
-                m.pack()  # one at a time: no second copy of the weights
-        return True
+                m.pack() if pack else m.unpack()  # one at a time: no second copy of the weights
+        return pack
 
     @property
     def quantization(self) -> str | None:

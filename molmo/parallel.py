@@ -8,7 +8,7 @@ Each rank holds (`plan`):
 - vocabulary: its share of the embedding's text rows and of `lm_head`'s rows (logits all-gathered);
 - the KV cache of its own key/value heads.
 A size that does not divide by the ranks keeps its part whole (replicated); so do the ViT and the
-connector (replicated: the ViT is ~4% of 7B-D's weights and of 72B's 1%).
+connector (~4% of 7B-D's weights, 1% of 72B's, run once per image).
 Parameters are DTensors (`parallelize_module`); each rank reads only its own slices of the snapshot
 (`load_shards`). Run one process per rank (torchrun); every rank computes the same tokens.
 """
