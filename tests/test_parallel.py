@@ -150,11 +150,12 @@ def test_two_ranks_give_the_logits_and_tokens_of_one_process_reading_only_their_
 
 
 @pytest.mark.slow
-def test_generate_under_torchrun_streams_once_the_tokens_of_one_process(text_model_dir):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_generate_under_torchrun_streams_once_the_tokens_of_one_process(text_model_dir, compiled):
     args = ["-m", "molmo", "generate", "--model", text_model_dir, "--prompt", "Tell me a story",
             "--max-new-tokens", 10, "--json"]
     one = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=300)
-    two = torchrun(*args, "--tp", 2)
+    two = torchrun(*args, "--tp", 2, *(["--compile"] if compiled else []), timeout=600)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     a, b = json.loads(one.stdout.splitlines()[-1]), json.loads(two.stdout.splitlines()[-1])
     assert a["token_ids"] == b["token_ids"] and a["text"] == b["text"]
