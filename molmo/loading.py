@@ -94,16 +94,22 @@ def check_snapshot(model: nn.Module, entries: dict, stored_quantized: bool = Fal
                          quantized_dtypes(model) if stored_quantized else None)
 
 
+def checked_entries(model: nn.Module, folder: str | Path, stored_quantized: bool = False) -> dict:
+    """The snapshot's tensor entries, after checking every name, shape and dtype against `model`
+    (one CheckpointError naming the first problem)."""
+    entries = snapshot_tensors(Path(folder))
+    report = check_snapshot(model, entries, stored_quantized)
+    if not report.ok:
+        raise CheckpointError(f"{folder}: {report.first_problem()}")
+    return entries
+
+
 def load_weights(model: nn.Module, folder: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
                  stored_quantized: bool = False) -> nn.Module:
     """Fill every parameter of a meta-device `model` from the snapshot in `folder`, converting as it
     reads; every name, shape and dtype is checked first. The QuantLinear layers of a quantized model
     take their stored quantized form, or float weights quantized one tensor at a time as they load."""
-    folder = Path(folder)
-    entries = snapshot_tensors(folder)
-    report = check_snapshot(model, entries, stored_quantized)
-    if not report.ok:
-        raise CheckpointError(f"{folder}: {report.first_problem()}")
+    entries = checked_entries(model, folder, stored_quantized)
     for name, param in list(model.named_parameters()):
         dest = _read(entries[published_name(name)], dtype, device)
         module_name, _, attr = name.rpartition(".")

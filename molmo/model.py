@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError
 from .config import MolmoConfig
 from .connector import Connector
 from .generation import generate_from_batch
@@ -92,16 +91,13 @@ class Molmo(nn.Module):
         return model
 
     def _load_parallel(self, folder: Path, tp: int, mode: str, device: torch.device) -> "Molmo":
-        from .checkpoint import snapshot_tensors
-        from .loading import check_snapshot
+        from .loading import checked_entries
         from .parallel import load_shards, parallelize, rank_device, tp_mesh
 
-        report = check_snapshot(self, snapshot_tensors(folder))  # the whole model's layout, before splitting
-        if not report.ok:
-            raise CheckpointError(f"{folder}: {report.first_problem()}")
+        entries = checked_entries(self, folder)  # the whole model's layout, before splitting
         device = rank_device(device)
         self.split = parallelize(self, tp_mesh(tp, device))
-        self.bytes_read = load_shards(self, folder, self.split, torch.bfloat16 if mode == "bf16" else torch.float32,
+        self.bytes_read = load_shards(self, entries, self.split, torch.bfloat16 if mode == "bf16" else torch.float32,
                                       device)
         self.mode = mode
         return self.eval()

@@ -14,11 +14,11 @@ Parameters are DTensors (`parallelize_module`); each rank reads only its own sli
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -27,7 +27,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
-from .checkpoint import read_slice, snapshot_tensors
+from .checkpoint import read_slice
 from .config import LLMConfig
 from .names import published_name
 
@@ -155,10 +155,9 @@ def _meta_linear(n_in: int, n_out: int, bias: bool) -> nn.Module:
 
 
 @torch.no_grad()
-def load_shards(model: nn.Module, folder: str | Path, split: Split, dtype: torch.dtype, device) -> int:
-    """Fill a parallelized meta-device model with this rank's slices of the snapshot in `folder`
-    (checked beforehand against the whole model). Returns the bytes this rank read."""
-    entries = snapshot_tensors(Path(folder))
+def load_shards(model: nn.Module, entries: dict, split: Split, dtype: torch.dtype, device) -> int:
+    """Fill a parallelized meta-device model with this rank's slices of a snapshot's tensor `entries`
+    (checked beforehand against the whole model: `loading.checked_entries`). Returns the bytes read."""
     model.to(dtype).to_empty(device=device)
     total = 0
     c = model.config.llm
@@ -174,24 +173,22 @@ def load_shards(model: nn.Module, folder: str | Path, split: Split, dtype: torch
     return total
 
 
+def local_numel(shape: tuple[int, ...], where: tuple[list[Span], Span | None] | None) -> int:
+    """The number of values a rank holds of a tensor of `shape` given its `local_slice`."""
+    if where is None:
+        return math.prod(shape)
+    rows, cols = where
+    width = (cols[1] - cols[0]) if cols else math.prod(shape[1:])
+    return sum(b - a for a, b in rows) * width
+
+
 def weights_per_rank_gb(model: nn.Module, tp: int, itemsize: int = 2) -> float:
     """The weights one rank of `tp` would hold of `model` (a whole one: `Molmo.meta(config)`), in GB:
     the largest share, bf16 by default."""
     c = model.config.llm
-    most = 0
-    for rank in range(tp):
-        s = plan(c, tp, rank)
-        n = 0
-        for name, p in model.named_parameters():
-            where = local_slice(name, c, s)
-            if where is None:
-                n += p.numel()
-            else:
-                rows, cols = where
-                width = (cols[1] - cols[0]) if cols else (p.shape[1] if p.dim() > 1 else 1)
-                n += sum(b - a for a, b in rows) * width
-        most = max(most, n)
-    return most * itemsize / 1e9
+    shares = [sum(local_numel(tuple(p.shape), local_slice(name, c, plan(c, tp, rank)))
+                  for name, p in model.named_parameters()) for rank in range(tp)]
+    return max(shares) * itemsize / 1e9
 
 
 def tp_mesh(tp: int, device: torch.device) -> DeviceMesh:

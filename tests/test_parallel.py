@@ -2,6 +2,7 @@
 whose logits and tokens equal one process's, each reading only its own slices; bad launches."""
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from molmo.checkpoint import read_header, read_slice
 from molmo.config import MolmoConfig
 from molmo.model import Molmo
 from molmo.names import our_name
-from molmo.parallel import local_slice, plan, tp_mesh
+from molmo.parallel import local_numel, local_slice, plan, tp_mesh
 from molmo.testing import write_random_checkpoint
 
 from conftest import FACTS, GOLDEN, SHARED, rel
@@ -102,15 +103,6 @@ def torchrun(*args, env=None, timeout=300):
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
-def slice_bytes(entry, where) -> int:
-    if where is None:
-        return entry.nbytes
-    rows, cols = where
-    row_bytes = entry.nbytes // entry.shape[0]
-    width = row_bytes if cols is None else (cols[1] - cols[0]) * row_bytes // entry.shape[1]
-    return sum(b - a for a, b in rows) * width
-
-
 BIG = {"hidden": 256, "intermediate": 2048, "layers": 4}  # the decoder most of the bytes, as in the real models
 SPLITS = {  # name: decoder changes
     "heads": BIG,
@@ -140,7 +132,8 @@ def test_two_ranks_give_the_logits_and_tokens_of_one_process_reading_only_their_
     config = MolmoConfig.from_hf(snapshot)
     for i in range(2):  # the slices' bytes, counted by the process's own reads
         split = plan(config.llm, 2, i)
-        share = sum(slice_bytes(e, local_slice(our_name(n), config.llm, split)) for n, e in entries.items())
+        share = sum(local_numel(e.shape, local_slice(our_name(n), config.llm, split)) * e.nbytes // math.prod(e.shape)
+                    for n, e in entries.items())
         read = json.loads((tmp_path / f"rank-{i}.json").read_text())
         assert read["bytes_read"] == share
         total = sum(e.nbytes for e in entries.values())
