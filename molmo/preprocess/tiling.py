@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import json
-import threading
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from .resize import resize_aa, scratch
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -76,28 +76,11 @@ class ImageConfig:
         return replace(self, **kwargs)
 
 
-_scratch = threading.local()
-SCRATCH_MAX = 64 << 20  # elements (256 MB of float32) kept between calls, per thread and purpose
-
-
-def scratch(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """A float32 buffer reused across calls: fresh large allocations cost more in page faults than
-    the arithmetic done in them. Only for intermediates that never leave `tile_image`."""
-    n = int(np.prod(shape))
-    buf = getattr(_scratch, name, None)
-    if buf is None or buf.numel() < n:
-        buf = torch.empty(n)
-        if n <= SCRATCH_MAX:
-            setattr(_scratch, name, buf)
-    return buf[:n].view(shape)
-
-
-def to_unit_float(image: np.ndarray) -> torch.Tensor:
-    """uint8 [H, W, 3] -> float32 in [0, 1] (a scratch buffer)."""
+def as_tensor(image: np.ndarray) -> torch.Tensor:
+    """The uint8 array [H, W, 3] as a tensor, without a copy."""
     with warnings.catch_warnings():  # PIL's arrays are read-only; we only read them
         warnings.simplefilter("ignore", UserWarning)
-        src = torch.from_numpy(image)
-    return scratch("unit", image.shape).copy_(src).div_(255)
+        return torch.from_numpy(image)
 
 
 def select_tiling(h: int, w: int, window: int, max_crops: int) -> tuple[int, int]:
@@ -115,24 +98,23 @@ def select_tiling(h: int, w: int, window: int, max_crops: int) -> tuple[int, int
 
 
 def resize_and_pad(image: torch.Tensor, height: int, width: int, cfg: ImageConfig, name: str = "padded"):
-    """float32 [h, w, 3] in [0, 1] -> normalised [height, width, 3] (a scratch buffer: copy what you
-    keep) and the resized image's place in it, (top, left, rows, cols)."""
+    """uint8 [h, w, 3] -> in [0, 1], resized to fit, normalised and padded to [height, width, 3] (a
+    scratch buffer: copy what you keep), and the resized image's place in it, (top, left, rows, cols)."""
     h, w = image.shape[:2]
     scale = min(np.float32(height) / np.float32(h), np.float32(width) / np.float32(w))
     # The reference truncates float32(h) * scale; at least one pixel survives very thin images.
     nh, nw = max(1, int(np.float32(h) * scale)), max(1, int(np.float32(w) * scale))
-    x = image.permute(2, 0, 1).unsqueeze(0)  # channels-last [1, 3, h, w]
-    x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0]  # [3, nh, nw]
-    mean, std = (torch.tensor(v, dtype=torch.float32)[:, None, None] for v in (cfg.mean, cfg.std))
-    x.clamp_(0, 1).sub_(mean).div_(std)  # per channel plane: contiguous, and the same float32 ops per pixel
-    pad = (torch.zeros(3, 1, 1) - mean).div_(std)[:, 0, 0]  # a padding pixel (0) normalised alike
+    mean, std = torch.tensor(cfg.mean, dtype=torch.float32), torch.tensor(cfg.std, dtype=torch.float32)
+    pad = (torch.zeros(3) - mean).div_(std)  # a padding pixel (0) normalised like the image
     top, left = (height - nh) // 2, (width - nw) // 2
     out = scratch(name, (height, width, 3))
     out[:top] = pad
     out[top + nh:] = pad
     out[top:top + nh, :left] = pad
     out[top:top + nh, left + nw:] = pad
-    out[top:top + nh, left:left + nw] = x.permute(1, 2, 0)
+    inside = out.view(height, width * 3)[top:top + nh, 3 * left:3 * (left + nw)]  # [nh, nw * 3]
+    resize_aa(image, nh, nw, divide=255, out=inside, name=name)
+    inside.view(nh, nw, 3).clamp_(0, 1).sub_(mean).div_(std)
     return out, (top, left, nh, nw)
 
 
@@ -187,7 +169,7 @@ def tile_image(image: np.ndarray, cfg: ImageConfig, ids: dict[str, int]) -> Imag
     T, P = cfg.tokens_per_side, cfg.patch_size
     lm, rm = cfg.overlap_margins
     margin_px, window_px = (lm + rm) * P, cfg.window_patches * P
-    src = to_unit_float(image)  # [H, W, 3]
+    src = as_tensor(image)  # [H, W, 3]
     rows, cols = select_tiling(image.shape[0] - margin_px, image.shape[1] - margin_px, window_px, cfg.max_crops)
 
     g2 = (cfg.crop_size // P) ** 2
