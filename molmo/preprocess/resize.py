@@ -85,18 +85,24 @@ def _banded_columns(src: torch.Tensor, weights: torch.Tensor, ranges: list[tuple
     return out
 
 
+def banded(h: int, w: int, height: int, width: int) -> bool:
+    """Whether `resize_aa` takes the banded products for this resize (else torch's kernel, on float)."""
+    # One column out of several rows: torch's kernel gives every row the first row's value, as in the reference.
+    return min(h / height, w / width) >= SHRINK and not (width == 1 and height != h)
+
+
 def resize_aa(image: torch.Tensor, height: int, width: int, divide: float = 1.0, out: torch.Tensor | None = None,
               name: str = "") -> torch.Tensor:
-    """uint8 [h, w, C] -> float32 [height, width * C] over `divide` (255: values in [0, 1]), written
-    into `out` when given (a [height, width * C] view whose rows may be longer); intermediates in
-    scratch buffers named after `name`."""
+    """uint8 (or float32) [h, w, C] -> float32 [height, width * C] over `divide` (255: values in [0, 1]),
+    written into `out` when given (a [height, width * C] view whose rows may be longer); intermediates
+    in scratch buffers named after `name`."""
     h, w, c = image.shape
     if out is None:
         out = torch.empty(height, width * c)
-    # One column out of several rows: torch's kernel gives every row the first row's value, and so does the reference.
-    if min(h / height, w / width) < SHRINK or (width == 1 and height != h):
-        x = scratch("unit", (h, w, c)).copy_(image).div_(divide).permute(2, 0, 1)[None]  # channels-last [1, C, h, w]
-        x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)[0]
+    if not banded(h, w, height, width):
+        x = image if image.dtype == torch.float32 and divide == 1 else scratch("unit", (h, w, c)).copy_(image).div_(divide)
+        x = F.interpolate(x.permute(2, 0, 1)[None], size=(height, width), mode="bilinear",  # channels-last [1, C, h, w]
+                          align_corners=False, antialias=True)[0]
         out.view(height, width, c).copy_(x.permute(1, 2, 0))
         return out
     tall = scratch(name + "tall", (height, w * c))

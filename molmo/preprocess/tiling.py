@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .resize import resize_aa, scratch
+from .resize import banded, resize_aa, scratch
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -97,13 +97,19 @@ def select_tiling(h: int, w: int, window: int, max_crops: int) -> tuple[int, int
     return int(cands[k, 0]), int(cands[k, 1])
 
 
-def resize_and_pad(image: torch.Tensor, height: int, width: int, cfg: ImageConfig, name: str = "padded"):
-    """uint8 [h, w, 3] -> in [0, 1], resized to fit, normalised and padded to [height, width, 3] (a
-    scratch buffer: copy what you keep), and the resized image's place in it, (top, left, rows, cols)."""
-    h, w = image.shape[:2]
+def fit(h: int, w: int, height: int, width: int) -> tuple[int, int]:
+    """The size of an h x w image resized to fit height x width, keeping its aspect."""
     scale = min(np.float32(height) / np.float32(h), np.float32(width) / np.float32(w))
     # The reference truncates float32(h) * scale; at least one pixel survives very thin images.
-    nh, nw = max(1, int(np.float32(h) * scale)), max(1, int(np.float32(w) * scale))
+    return max(1, int(np.float32(h) * scale)), max(1, int(np.float32(w) * scale))
+
+
+def resize_and_pad(image: torch.Tensor, height: int, width: int, cfg: ImageConfig, name: str = "padded",
+                   divide: float = 255):
+    """uint8 [h, w, 3] (or float32 already divided) -> in [0, 1], resized to fit, normalised and padded
+    to [height, width, 3] (a scratch buffer: copy what you keep), and the resized image's place in it,
+    (top, left, rows, cols)."""
+    nh, nw = fit(*image.shape[:2], height, width)
     mean, std = torch.tensor(cfg.mean, dtype=torch.float32), torch.tensor(cfg.std, dtype=torch.float32)
     pad = (torch.zeros(3) - mean).div_(std)  # a padding pixel (0) normalised like the image
     top, left = (height - nh) // 2, (width - nw) // 2
@@ -113,7 +119,7 @@ def resize_and_pad(image: torch.Tensor, height: int, width: int, cfg: ImageConfi
     out[top:top + nh, :left] = pad
     out[top:top + nh, left + nw:] = pad
     inside = out.view(height, width * 3)[top:top + nh, 3 * left:3 * (left + nw)]  # [nh, nw * 3]
-    resize_aa(image, nh, nw, divide=255, out=inside, name=name)
+    resize_aa(image, nh, nw, divide=divide, out=inside, name=name)
     inside.view(nh, nw, 3).clamp_(0, 1).sub_(mean).div_(std)
     return out, (top, left, nh, nw)
 
@@ -174,9 +180,13 @@ def tile_image(image: np.ndarray, cfg: ImageConfig, ids: dict[str, int]) -> Imag
 
     g2 = (cfg.crop_size // P) ** 2
     patches = torch.empty(1 + rows * cols, g2, P * P * 3)  # global view first, then the crops
-    glob, _ = resize_and_pad(src, cfg.crop_size, cfg.crop_size, cfg, name="global")
+    views = ((cfg.crop_size, cfg.crop_size), (rows * window_px + margin_px, cols * window_px + margin_px))
+    divide = 255
+    if not all(banded(*src.shape[:2], *fit(*src.shape[:2], *v)) for v in views):  # torch's kernel reads float:
+        src, divide = scratch("unit", src.shape).copy_(src).div_(255), 1  # convert once for both views
+    glob, _ = resize_and_pad(src, *views[0], cfg, name="global", divide=divide)
     crops_to_patches(glob, 1, 1, 0, cfg, out=patches[:1])
-    big, place = resize_and_pad(src, rows * window_px + margin_px, cols * window_px + margin_px, cfg)
+    big, place = resize_and_pad(src, *views[1], cfg, divide=divide)
     crops_to_patches(big, rows, cols, window_px, cfg, out=patches[1:])
     crop_masks = real_fraction(rows, cols, window_px, place, cfg)  # [n, patches]
     masks = torch.cat([crop_masks, torch.full_like(crop_masks[:1], -1)])  # the reference's shift
