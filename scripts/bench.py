@@ -23,7 +23,8 @@
                          --size full: the 7B-D, 64 records each with a 13-crop 1920x1080 image, batch 1, 8, 32
   --workload quant       the mid model in bf16, int8 and int4 (same random weights): last-position logits
                          relative error and top-1 agreement over 64 teacher-forced positions against bf16,
-                         and decode tokens/s of each (64 new tokens)
+                         and decode tokens/s of each (64 new tokens); bf16_vs_fp32: the same measures of
+                         bf16 against fp32, the scale of rounding errors on this model
   --workload full        the full 7B-D with random weights (CUDA): batch-1 decode and time to first
                          token with a 13-crop image (--dtype bf16 by default)
 """
@@ -365,6 +366,11 @@ def bench_quant(a) -> dict:
     batch = {k: v[None] for k, v in inputs.items()}
     n_new = a.new_tokens or 64
     out = {"workload": "quant", "device": a.device, "decode_tok_s": {}, "logits_rel_err": {}, "top1_agreement": {}}
+    # The scale of these errors on this model: bf16's own distance from fp32, same measures.
+    fp32 = random_model(MID, dtype=torch.float32, device=a.device)
+    with torch.no_grad():
+        exact = fp32(**{k: v.to(a.device) for k, v in batch.items()}).logits[0, -64:].float()
+    del fp32
     for scheme in ("bf16", "int8", "int4"):
         model = random_model(MID, dtype=torch.bfloat16, device=a.device)  # the same weights each time (seed 0)
         model.mode = "bf16"
@@ -374,6 +380,8 @@ def bench_quant(a) -> dict:
             logits = model(**{k: v.to(a.device) for k, v in batch.items()}).logits[0, -64:].float()  # [64, V]
         if scheme == "bf16":
             ref = logits
+            out["bf16_vs_fp32"] = {"logits_rel_err": round(float((ref[-1] - exact[-1]).norm() / exact[-1].norm()), 4),
+                                   "top1_agreement": round(float((ref.argmax(-1) == exact.argmax(-1)).float().mean()), 3)}
         else:
             out["logits_rel_err"][scheme] = round(float((logits[-1] - ref[-1]).norm() / ref[-1].norm()), 4)
             out["top1_agreement"][scheme] = round(float((logits.argmax(-1) == ref.argmax(-1)).float().mean()), 3)
