@@ -383,16 +383,20 @@ def bench_quant(a) -> dict:
             logits = model(**{k: v.to(a.device) for k, v in batch.items()}).logits[0, -64:].float()  # [64, V]
         if scheme == "bf16":
             ref = logits
-            out["bf16_vs_fp32"] = {"logits_rel_err": round(float((ref[-1] - exact[-1]).norm() / exact[-1].norm()), 4),
-                                   "top1_agreement": round(float((ref.argmax(-1) == exact.argmax(-1)).float().mean()), 3)}
+            out["bf16_vs_fp32"] = dict(zip(("logits_rel_err", "top1_agreement"), _agreement(ref, exact)))
         else:
-            out["logits_rel_err"][scheme] = round(float((logits[-1] - ref[-1]).norm() / ref[-1].norm()), 4)
-            out["top1_agreement"][scheme] = round(float((logits.argmax(-1) == ref.argmax(-1)).float().mean()), 3)
+            out["logits_rel_err"][scheme], out["top1_agreement"][scheme] = _agreement(logits, ref)
         out["decode_tok_s"][scheme] = round(_decode_bench(model, inputs, n_new, a.device)["tokens_per_s"], 2)
         del model
         gc.collect()
     out["speedup"] = {s: round(out["decode_tok_s"][s] / out["decode_tok_s"]["bf16"], 2) for s in ("int8", "int4")}
     return out
+
+
+def _agreement(logits: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """[positions, V] against a reference: the last position's relative error, the top-1 agreement."""
+    return (round(float((logits[-1] - ref[-1]).norm() / ref[-1].norm()), 4),
+            round(float((logits.argmax(-1) == ref.argmax(-1)).float().mean()), 3))
 
 
 def bench_full(a) -> dict:
