@@ -62,13 +62,15 @@ def aa_weights(n_in: int, n_out: int, block: int, divide: float = 1.0) -> tuple[
 
 
 def _banded_rows(src: torch.Tensor, weights: torch.Tensor, ranges: list[tuple[int, int]], out: torch.Tensor):
-    """Rows: out [n_out, C] = W @ src [n_in, C] for a banded W (`aa_weights`), src (uint8) converted to
-    float32 a block of rows at a time."""
+    """Rows: out [n_out, C] = W @ src [n_in, C] for a banded W (`aa_weights`); a uint8 src is converted
+    to float32 a block of rows at a time, a float32 one read as it is."""
     block = weights.shape[1]
-    rows = scratch("band_rows", (max(b - a for a, b in ranges), src.shape[1]))
+    if src.dtype != torch.float32:
+        rows = scratch("band_rows", (max(b - a for a, b in ranges), src.shape[1]))
     for i, (a, b) in enumerate(ranges):
         o0, o1 = i * block, min((i + 1) * block, len(out))
-        torch.mm(weights[i, :o1 - o0, :b - a], rows[:b - a].copy_(src[a:b]), out=out[o0:o1])
+        part = src[a:b] if src.dtype == torch.float32 else rows[:b - a].copy_(src[a:b])
+        torch.mm(weights[i, :o1 - o0, :b - a], part, out=out[o0:o1])
     return out
 
 
