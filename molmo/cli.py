@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
             g.add_argument("--prompt", required=True)
         g.add_argument("--max-new-tokens", type=int, default=200)
         g.add_argument("--dtype", choices=["fp32", "autocast", "bf16"], default=None,
-                       help="default: bf16 on CUDA, fp32 on CPU (bf16 with --quantize where the CPU has bf16 math)")
+                       help="default: bf16 on CUDA or with --quantize, else fp32")
         g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
         g.add_argument("--quantize", choices=["int8", "int4"], default=None,
                        help="the decoder's linear layers quantized while loading (weight-only)")
@@ -127,11 +127,9 @@ def _device_and_dtype(a, local_rank: int = 0) -> tuple[str, str]:
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
-    # Quantized weights on a CPU with bf16 math: bf16 activations (PyTorch's int8/int4 CPU kernels are
-    # several times slower with fp32 ones); otherwise fp32 on CPU, as unquantized.
-    from .layers import cpu_has_bf16_math
-
-    bf16 = device == "cuda" or (a.quantize is not None and cpu_has_bf16_math())
+    # Quantized weights: bf16 activations on CPU too (PyTorch's int8/int4 CPU kernels are scalar in fp32:
+    # 6-13x slower for a token's row, with or without bf16 math); otherwise fp32 on CPU.
+    bf16 = device == "cuda" or a.quantize is not None
     dtype = a.dtype or ("bf16" if bf16 else "fp32")
     return (f"cuda:{local_rank}" if device == "cuda" else device), dtype
 

@@ -7,6 +7,7 @@ T is the tokens of one call and S the key columns it attends to (the KV cache's,
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,9 @@ class Molmo(nn.Module):
             return model._load_parallel(folder, tp, mode, device)
         if stored or quantize:
             replace_linears(model, stored or quantize)
+            if device.type == "cpu" and mode != "bf16":
+                warnings.warn(f"{stored or quantize} weights with {mode} activations on CPU: PyTorch's quantized "
+                              "kernels are scalar in fp32, several times slower per token than dtype='bf16'")
         load_weights(model, folder, dtype=torch.bfloat16 if mode == "bf16" else torch.float32, device=device,
                      stored_quantized=stored is not None)
         model.mode = mode

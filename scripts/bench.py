@@ -361,35 +361,41 @@ def bench_batch(a) -> dict:
 
 
 def bench_quant(a) -> dict:
-    """int8 and int4 against bf16 on the mid model: last-position logits, teacher-forced top-1, decode rate."""
+    """int8 and int4 against the unquantized model on the mid model, activations in bf16 (default) or
+    fp32 (--dtype): last-position logits, teacher-forced top-1, prefill time and decode rate."""
     from molmo.quant import quantize_model
     from molmo.testing import random_model
 
+    mode = a.dtype or "bf16"
+    if mode not in ("bf16", "fp32"):
+        raise ValueError("quant: --dtype bf16 or fp32 (the activations)")
     inputs = _image_inputs(480, 640, 1, 64)
     batch = {k: v[None] for k, v in inputs.items()}
     n_new = a.new_tokens or 64
-    out = {"workload": "quant", "device": a.device, "decode_tok_s": {}, "logits_rel_err": {}, "top1_agreement": {}}
-    # The scale of these errors on this model: bf16's own distance from fp32, same measures.
-    fp32 = random_model(MID, dtype=torch.float32, device=a.device)
-    with torch.no_grad():
-        exact = fp32(**{k: v.to(a.device) for k, v in batch.items()}).logits[0, -64:].float()
-    del fp32
-    for scheme in ("bf16", "int8", "int4"):
-        model = random_model(MID, dtype=torch.bfloat16, device=a.device)  # the same weights each time (seed 0)
-        model.mode = "bf16"
-        if scheme != "bf16":
+    out = {"workload": "quant", "device": a.device, "dtype": mode, "decode_tok_s": {}, "prefill_s": {},
+           "logits_rel_err": {}, "top1_agreement": {}}
+    for scheme in (mode, "int8", "int4"):
+        model = random_model(MID, dtype=torch.bfloat16 if mode == "bf16" else torch.float32, device=a.device)
+        model.mode = mode  # the same weights each time (seed 0)
+        if scheme != mode:
             quantize_model(model, scheme)
         with torch.no_grad():
             logits = model(**{k: v.to(a.device) for k, v in batch.items()}).logits[0, -64:].float()  # [64, V]
-        if scheme == "bf16":
+        if scheme == mode:
             ref = logits
-            out["bf16_vs_fp32"] = dict(zip(("logits_rel_err", "top1_agreement"), _agreement(ref, exact)))
         else:
             out["logits_rel_err"][scheme], out["top1_agreement"][scheme] = _agreement(logits, ref)
-        out["decode_tok_s"][scheme] = round(_decode_bench(model, inputs, n_new, a.device)["tokens_per_s"], 2)
+        timings = _decode_bench(model, inputs, n_new, a.device)
+        out["decode_tok_s"][scheme] = round(timings["tokens_per_s"], 2)
+        out["prefill_s"][scheme] = round(timings["prefill_s"], 2)
         del model
         gc.collect()
-    out["speedup"] = {s: round(out["decode_tok_s"][s] / out["decode_tok_s"]["bf16"], 2) for s in ("int8", "int4")}
+    out["speedup"] = {s: round(out["decode_tok_s"][s] / out["decode_tok_s"][mode], 2) for s in ("int8", "int4")}
+    if mode == "bf16":  # the scale of these errors on this model: bf16's own distance from fp32, same measures
+        fp32 = random_model(MID, dtype=torch.float32, device=a.device)
+        with torch.no_grad():
+            exact = fp32(**{k: v.to(a.device) for k, v in batch.items()}).logits[0, -64:].float()
+        out["bf16_vs_fp32"] = dict(zip(("logits_rel_err", "top1_agreement"), _agreement(ref, exact)))
     return out
 
 

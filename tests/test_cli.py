@@ -147,14 +147,10 @@ def test_generate_compile_flag_reaches_the_generation_config(text_model_dir, mon
     assert [c.compile for c in seen] == [False, True]
 
 
-@pytest.mark.parametrize("bf16_math", [True, False])
-def test_quantized_cpu_runs_default_to_bf16_activations_only_where_the_cpu_has_bf16_math(monkeypatch, bf16_math):
+def test_quantized_cpu_runs_default_to_bf16_activations_and_an_explicit_dtype_wins():
     import argparse
 
-    import molmo.layers
-
-    monkeypatch.setattr(molmo.layers, "cpu_has_bf16_math", lambda: bf16_math)
     args = dict(device="cpu", dtype=None)
-    assert cli._device_and_dtype(argparse.Namespace(**args, quantize="int4")) == ("cpu", "bf16" if bf16_math else "fp32")
+    assert cli._device_and_dtype(argparse.Namespace(**args, quantize="int4")) == ("cpu", "bf16")
     assert cli._device_and_dtype(argparse.Namespace(**args, quantize=None)) == ("cpu", "fp32")
     assert cli._device_and_dtype(argparse.Namespace(device="cpu", dtype="fp32", quantize="int8")) == ("cpu", "fp32")

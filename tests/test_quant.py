@@ -14,7 +14,9 @@ from molmo.checkpoint import CheckpointError
 from molmo.config import LLMConfig, MolmoConfig, VisionConfig
 from molmo.convert import quantize
 from molmo.generation import generate
-from molmo.quant import GROUP_SIZE, QuantLinear, dequantize, quantize_int4, quantize_int8, unpack_int4
+from molmo.layers import MIN_ROWS
+from molmo.quant import (GROUP_SIZE, QuantLinear, dequantize, int4_cpu_block, quantize_int4, quantize_int8,
+                         unpack_int4)
 from molmo.testing import write_random_checkpoint
 
 from conftest import FACTS, ROOT, rel
@@ -64,12 +66,50 @@ def test_quantized_linear_equals_the_dequantized_product(scheme, dtype):
     stored = quantize_int8(w) if scheme == "int8" else quantize_int4(w)
     layer.set_weights(stored)
     layer.bias = torch.nn.Parameter(b.to(dtype), requires_grad=False)
-    for rows in (1, 5):
+    for rows in (1, 5, MIN_ROWS):  # a token's rows (the kernels); a prompt's (on CPU: the dequantized product)
         x = torch.randn(2, rows, w.shape[1]).to(dtype)
         want = x.float() @ dequantize(scheme, stored).T + b.to(dtype).float()
         got = layer(x)
         assert got.shape == (2, rows, 160) and got.dtype == dtype
         assert rel(got, want) <= (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_weights_read_back_from_the_kernel_layout_equal_the_stored_form_dequantized(scheme):
+    torch.manual_seed(1)
+    w = torch.randn(192, 3 * GROUP_SIZE)
+    stored = quantize_int8(w) if scheme == "int8" else quantize_int4(w)
+    layer = QuantLinear(scheme, w.shape[1], w.shape[0], bias=False)
+    layer.set_weights(stored)
+    if scheme == "int4":
+        assert int4_cpu_block() in (32, 64)  # the layouts of PyTorch's AVX2 and AVX-512 kernels
+    want = dequantize(scheme, stored)
+    assert torch.equal(layer.dequantized(), want)
+    assert torch.equal(layer.dequantized(64, 128, out=torch.empty(200 * 192)), want[64:128])
+    if scheme == "int4":  # mid-block: refused, not misread
+        with pytest.raises(ValueError, match="blocks of 64 rows"):
+            layer.dequantized(32, 96)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_prompt_rows_multiply_the_dequantized_weight_in_blocks_with_the_same_product_and_gradient(monkeypatch, scheme):
+    import molmo.quant
+
+    torch.manual_seed(2)
+    w = torch.randn(192, 2 * GROUP_SIZE) / 10
+    layer = QuantLinear(scheme, w.shape[1], w.shape[0], bias=False)
+    layer.set_weights(quantize_int8(w) if scheme == "int8" else quantize_int4(w))
+    for kernel in ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu"):  # not called for a prompt's rows
+        monkeypatch.setattr(torch, kernel, None)
+    x = torch.randn(MIN_ROWS, w.shape[1], requires_grad=True)
+    whole = layer(x)
+    (g_whole,) = torch.autograd.grad(whole.square().sum(), x)
+    monkeypatch.setattr(molmo.quant, "DEQUANT_ELEMENTS", 64 * w.shape[1])  # three blocks of 64 channels
+    split = layer(x)
+    (g_split,) = torch.autograd.grad(split.square().sum(), x)
+    assert torch.equal(split, whole) and rel(g_split, g_whole) <= 1e-6  # the blocks' gradients add in another order
+    with torch.no_grad():  # the shared buffer
+        assert torch.equal(layer(x), whole)
 
 
 def test_chunked_quantizing_while_reading_equals_quantizing_the_whole_tensor(snapshot):
