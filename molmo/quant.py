@@ -162,7 +162,7 @@ class QuantLinear(nn.Module):
     def _dequantize_for(self, x: torch.Tensor) -> bool:
         """Whether x [N, in] takes the dequantized fp32 product: on CPU, for a prompt's rows, in fp32 or
         in bf16 without bf16 math (as `molmo.layers.Linear` does then)."""
-        if not (x.is_cpu and len(x) >= MIN_ROWS):
+        if not (x.is_cpu and len(x) >= MIN_ROWS) or torch.compiler.is_compiling():  # compiled steps: the kernels
             return False
         if not (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and not cpu_has_bf16_math())):
             return False
