@@ -40,7 +40,8 @@ def saved(snapshot, tmp_path_factory):
 
 
 def test_int8_round_trip_error_is_at_most_half_a_step_per_output_channel():
-    w = torch.randn(96, 200) * torch.rand(96, 1) * 3
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 200, generator=g) * torch.rand(96, 1, generator=g) * 3
     t = quantize_int8(w)
     assert t["weight"].dtype == torch.int8 and t["weight"].abs().max() <= 127
     err = (dequantize("int8", t) - w).abs()
@@ -48,7 +49,7 @@ def test_int8_round_trip_error_is_at_most_half_a_step_per_output_channel():
 
 
 def test_int4_round_trip_error_is_at_most_half_a_step_per_group_and_packing_is_lossless():
-    w = torch.randn(48, 4 * GROUP_SIZE) * 2 + 0.5
+    w = torch.randn(48, 4 * GROUP_SIZE, generator=torch.Generator().manual_seed(0)) * 2 + 0.5
     t = quantize_int4(w)
     assert t["weight"].dtype == torch.uint8 and t["weight"].shape == (48, 2 * GROUP_SIZE)
     q = unpack_int4(t["weight"])
@@ -161,6 +162,18 @@ def test_quantized_model_equals_the_float_model_holding_the_dequantized_weights(
         want, got = float_model(ids).logits, quantized(ids).logits
     assert rel(got, want) <= 1e-5
     assert rel(got, Molmo.from_pretrained(snapshot)(ids).logits.detach()) > 1e-3  # and it did quantize
+
+
+def test_loading_quantized_weights_with_fp32_activations_on_cpu_warns_and_bf16_does_not(snapshot, saved):
+    import warnings
+
+    with pytest.warns(UserWarning, match="scalar in fp32"):
+        Molmo.from_pretrained(snapshot, quantize="int8")
+    with pytest.warns(UserWarning, match="int4 weights with fp32"):
+        Molmo.from_pretrained(saved["int4"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Molmo.from_pretrained(saved["int8"], dtype="bf16")
 
 
 def test_bad_quantized_snapshots_get_one_clear_error(snapshot, saved, tmp_path):
