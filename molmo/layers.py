@@ -3,6 +3,8 @@ and weights packed in oneDNN's layout for CPU inference (`Linear.pack`)."""
 from __future__ import annotations
 
 import functools
+import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,21 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 MIN_ROWS = 64  # below this (decoding), reading bf16 weights beats converting them
+SCRATCH_MAX = 64 << 20  # elements (256 MB of float32) a scratch buffer keeps between calls
+
+_scratch = threading.local()
+
+
+def scratch(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A float32 CPU buffer reused across calls, per thread and name: fresh large allocations cost more
+    in page faults than the arithmetic done in them. Only for intermediates that never leave the caller."""
+    n = math.prod(shape)
+    buf = getattr(_scratch, name, None)
+    if buf is None or buf.numel() < n:
+        buf = torch.empty(n, dtype=torch.float32)
+        if n <= SCRATCH_MAX:
+            setattr(_scratch, name, buf)
+    return buf[:n].view(shape)
 
 
 @functools.cache

@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import functools
 import json
-import threading
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import MIN_ROWS, cpu_has_bf16_math
+from .layers import MIN_ROWS, cpu_has_bf16_math, scratch
 
 SCHEMES = ("int8", "int4")
 GROUP_SIZE = 64  # int4: inputs sharing a scale and zero
-DEQUANT_ELEMENTS = 1 << 24  # fp32 weight values dequantized at a time for a prompt's rows on CPU (64 MB, kept)
+DEQUANT_ELEMENTS = 1 << 24  # fp32 weights dequantized at a time for a prompt's rows on CPU (64 MB, kept)
 QUANT_METHOD = "molmo"  # config.json's quantization_config.quant_method: other readers refuse it by name
 
 
@@ -178,7 +177,7 @@ class QuantLinear(nn.Module):
         ones 1.3-1.6x slower where the CPU lacks bf16 math)."""
         step = max(64, DEQUANT_ELEMENTS // self.in_features // 64 * 64)
         grad = torch.is_grad_enabled() and x.requires_grad  # autograd keeps each block: no shared buffer then
-        buf = None if grad else _buffer(min(step, self.out_features) * self.in_features)
+        buf = None if grad else scratch("dequantized", (min(step, self.out_features) * self.in_features,))
         parts = [x @ self.dequantized(o, o + step, out=buf).T for o in range(0, self.out_features, step)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
@@ -190,7 +189,8 @@ class QuantLinear(nn.Module):
         rows = end - start
         if self.scheme == "int4" and (start % 64 or not self._cpu_layout_known()):
             raise ValueError(f"int4 weights read back from the CPU layout in blocks of 64 rows, not from row {start}")
-        w = (torch.empty(rows * self.in_features, dtype=torch.float32) if out is None else out[:rows * self.in_features]).view(rows, -1)
+        n = rows * self.in_features
+        w = (torch.empty(n, dtype=torch.float32) if out is None else out[:n]).view(rows, -1)
         if self.scheme == "int8":
             return torch.mul(self.weight[start:end], self.weight_scale[start:end, None].float(), out=w)
         block = int4_cpu_block()
@@ -199,18 +199,6 @@ class QuantLinear(nn.Module):
         scale, zero = self.scale_zero[:, start:end].float().unbind(-1)  # [in/group, rows] each
         g = w.view(rows, -1, GROUP_SIZE)
         return g.sub_(8).mul_(scale.T[..., None]).add_(zero.T[..., None]).view(rows, -1)
-
-
-_buffers = threading.local()
-
-
-def _buffer(n: int) -> torch.Tensor:
-    """A flat fp32 buffer of at least n elements, kept per thread: dequantizing into fresh memory
-    costs more in page faults than the arithmetic."""
-    buf = getattr(_buffers, "fp32", None)
-    if buf is None or buf.numel() < n:
-        buf = _buffers.fp32 = torch.empty(n, dtype=torch.float32)
-    return buf
 
 
 @functools.cache

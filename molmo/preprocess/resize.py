@@ -12,28 +12,14 @@ arithmetic done in them).
 """
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..layers import scratch
+
 SHRINK = 2.5  # from here on the banded products beat torch's kernel (2.5x at 3, 2x at 6, on 2 CPU cores)
 ROWS, COLUMNS = 8, 16  # outputs per product along each axis: more read more zero weights, fewer make small products
-SCRATCH_MAX = 64 << 20  # elements (256 MB of float32) kept between calls, per thread and purpose
-
-_scratch = threading.local()
-
-
-def scratch(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """A float32 buffer reused across calls. Only for intermediates that never leave preprocessing."""
-    n = int(np.prod(shape))
-    buf = getattr(_scratch, name, None)
-    if buf is None or buf.numel() < n:
-        buf = torch.empty(n)
-        if n <= SCRATCH_MAX:
-            setattr(_scratch, name, buf)
-    return buf[:n].view(shape)
 
 
 def aa_weights(n_in: int, n_out: int, block: int, divide: float = 1.0) -> tuple[torch.Tensor, list[tuple[int, int]]]:
@@ -102,7 +88,8 @@ def resize_aa(image: torch.Tensor, height: int, width: int, divide: float = 1.0,
     if out is None:
         out = torch.empty(height, width * c)
     if not banded(h, w, height, width):
-        x = image if image.dtype == torch.float32 and divide == 1 else scratch("unit", (h, w, c)).copy_(image).div_(divide)
+        x = image if image.dtype == torch.float32 and divide == 1 else (
+            scratch("unit", (h, w, c)).copy_(image).div_(divide))
         x = F.interpolate(x.permute(2, 0, 1)[None], size=(height, width), mode="bilinear",  # channels-last [1, C, h, w]
                           align_corners=False, antialias=True)[0]
         out.view(height, width, c).copy_(x.permute(1, 2, 0))

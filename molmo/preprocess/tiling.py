@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .resize import banded, resize_aa, scratch
+from ..layers import scratch
+from .resize import banded, resize_aa
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
