@@ -1,8 +1,11 @@
 """The shared Linear: its CPU bf16 path computes what a bf16 matmul computes."""
+
+import pytest
 import torch
 import torch.nn.functional as F
 
-from molmo.layers import MIN_ROWS, Linear, cpu_has_bf16_math
+from molmo.layers import (FEW_ROWS, MIN_ROWS, SPLIT_K, Linear, cpu_has_bf16_math, few_row_product,
+                          takes_few_row_product)
 
 
 def _layer(n_in=96, n_out=80, bias=True):
@@ -79,3 +82,50 @@ def test_to_and_load_state_dict_work_on_the_plain_weight():
     layer.float().pack()
     layer.load_state_dict(state)
     assert layer.packed is None and torch.equal(layer.weight, state["weight"])
+
+
+def test_few_row_product_is_the_linear_product_summed_in_another_order():
+    torch.manual_seed(2)
+    for n_in, bias in ((96, True), (4 * SPLIT_K, False)):  # one chunk; four chunks of SPLIT_K
+        w, b = torch.randn(80, n_in), (torch.randn(80) if bias else None)
+        for rows in (1, FEW_ROWS):
+            x = torch.randn(rows, 1, n_in)
+            want = F.linear(x.double(), w.double(), None if b is None else b.double())
+            got = few_row_product(x, w, b)
+            assert got.shape == (rows, 1, 80) and got.dtype == torch.float32
+            assert (got.double() - want).abs().max() <= 1e-6 * want.abs().max()
+            xb, wb = x.bfloat16(), w.bfloat16()  # bf16: fp32 sums of the bf16 products, rounded once
+            exact = F.linear(xb.double(), wb.double(), None if b is None else b.bfloat16().double())
+            got = few_row_product(xb, wb, None if b is None else b.bfloat16())
+            assert got.dtype == torch.bfloat16
+            assert ((got.double() - exact).abs() <= exact.abs() * 2**-7 + 1e-6 * exact.abs().max()).all()
+
+
+def test_few_row_product_applies_to_plain_weights_without_gradients_or_autocast_only():
+    layer = Linear(16, 8)
+    x = torch.randn(1, 16)
+    with torch.no_grad():
+        assert takes_few_row_product(x, layer.weight)
+        assert not takes_few_row_product(torch.randn(FEW_ROWS + 1, 16), layer.weight)  # many rows
+        assert not takes_few_row_product(x.bfloat16(), layer.weight)  # another dtype
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not takes_few_row_product(x, layer.weight)
+    assert not takes_few_row_product(x, layer.weight)  # gradients on
+
+
+@pytest.mark.slow
+def test_compiled_few_row_linear_takes_the_reduction_and_matches_the_eager_layer(monkeypatch):
+    import molmo.layers as layers
+
+    torch.manual_seed(3)
+    layer = Linear(2 * SPLIT_K, 48)
+    taken = []
+    monkeypatch.setattr(layers, "few_row_product", lambda *a: taken.append(1) or few_row_product(*a))
+    step = torch.compile(lambda x: layer(F.silu(x)), fullgraph=True)
+    with torch.no_grad():
+        for rows in (1, 3):
+            x = torch.randn(rows, 2 * SPLIT_K)
+            want = layer(F.silu(x))
+            got = step(x)
+            assert (got - want).abs().max() <= 1e-6 * want.abs().max()
+    assert taken  # traced through the reduction, not the plain kernel
