@@ -55,7 +55,8 @@ class Linear(nn.Linear):
     packed: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and takes_few_row_product(x, self.weight):
+        if (torch.compiler.is_compiling() and takes_few_row_product(x) and x.dtype == self.weight.dtype
+                and type(self.weight) is nn.Parameter):  # not a distributed (tensor-parallel) weight
             return few_row_product(x, self.weight, self.bias)
         if self.packed is not None:
             if (x.dtype == self.packed.dtype and not torch.is_autocast_enabled(x.device.type)
@@ -104,16 +105,18 @@ def _(x):
     return torch.empty_like(x)
 
 
-def takes_few_row_product(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether a compiled step computes x @ w.T as `few_row_product`: few rows on CPU, same dtype, plain
-    (not distributed) weights, no autocast, no gradients."""
-    return (x.is_cpu and x.numel() <= FEW_ROWS * x.shape[-1] and x.dtype == w.dtype and type(w) is nn.Parameter
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"))
+def takes_few_row_product(x: torch.Tensor) -> bool:
+    """Whether a compiled step may compute a product of x as `few_row_product`: few rows on CPU, no
+    autocast, no gradients."""
+    return (x.is_cpu and x.numel() <= FEW_ROWS * x.shape[-1] and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu"))
 
 
-def few_row_product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., K] @ w [N, K].T (+ bias) as an fp32 sum of products over chunks of K, rounded once to x's
-    dtype: the linear layer's arithmetic in another order. Under torch.compile on CPU this becomes one
+def few_row_product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                    scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ w [N, K].T (times a per-output `scale` [N], plus bias) as an fp32 sum of products over
+    chunks of K, rounded once to x's dtype: the linear layer's arithmetic in another order (w may be
+    int8, with its scale: the quantized product). Under torch.compile on CPU this becomes one
     vectorized loop that streams the weight once for all rows (up to FEW_ROWS), ~1.3-1.5x the pace of
     oneDNN's few-row products (decoding); chunks give long rows (the MLP's down projection) work for
     both cores."""
@@ -125,6 +128,8 @@ def few_row_product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None)
         s *= 2
     parts = (w.view(N, 1, s, K // s).float() * rows.view(1, -1, s, K // s).float()).sum(-1)  # [N, M, s]
     out = parts.sum(-1).t() if s > 1 else parts[..., 0].t()  # [M, N]
+    if scale is not None:
+        out = out * scale.float()
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype).reshape(*lead, N)

@@ -23,8 +23,9 @@
                          --size full: the 7B-D, 64 records each with a 13-crop 1920x1080 image, batch 1, 8, 32
   --workload quant       the mid model in bf16, int8 and int4 (same random weights): last-position logits
                          relative error and top-1 agreement over 64 teacher-forced positions against bf16,
-                         and decode tokens/s of each (64 new tokens); bf16_vs_fp32: the same measures of
-                         bf16 against fp32, the scale of rounding errors on this model
+                         and decode tokens/s of each (64 new tokens; --compile: compiled steps);
+                         bf16_vs_fp32: the same measures of bf16 against fp32, the scale of rounding
+                         errors on this model
   --workload full        the full 7B-D with random weights (CUDA): batch-1 decode and time to first
                          token with a 13-crop image (--dtype bf16 by default)
 """
@@ -372,7 +373,7 @@ def bench_quant(a) -> dict:
     inputs = _image_inputs(480, 640, 1, 64)
     batch = {k: v[None] for k, v in inputs.items()}
     n_new = a.new_tokens or 64
-    out = {"workload": "quant", "device": a.device, "dtype": mode, "decode_tok_s": {}, "prefill_s": {},
+    out = {"workload": "quant", "device": a.device, "dtype": mode, "compile": a.compile, "decode_tok_s": {}, "prefill_s": {},
            "logits_rel_err": {}, "top1_agreement": {}}
     for scheme in (mode, "int8", "int4"):
         model = random_model(MID, dtype=torch.bfloat16 if mode == "bf16" else torch.float32, device=a.device)
@@ -385,7 +386,7 @@ def bench_quant(a) -> dict:
             ref = logits
         else:
             out["logits_rel_err"][scheme], out["top1_agreement"][scheme] = _agreement(logits, ref)
-        timings = _decode_bench(model, inputs, n_new, a.device)
+        timings = _decode_bench(model, inputs, n_new, a.device, a.compile)
         out["decode_tok_s"][scheme] = round(timings["tokens_per_s"], 2)
         out["prefill_s"][scheme] = round(timings["prefill_s"], 2)
         del model
@@ -558,7 +559,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=None, help="mid, full: 128 by default; batch: 32")
     p.add_argument("--tokenizer", default=str(Path(__file__).resolve().parents[2] / "shared" / "tokenizer"),
                    help="batch: folder of tokenizer.json")
-    p.add_argument("--compile", action="store_true", help="mid, full: torch.compile the decode step")
+    p.add_argument("--compile", action="store_true", help="mid, full, quant: torch.compile the decode step")
     p.add_argument("--hbm-gb-s", type=float, default=None, help="bandwidth for the bound (default: measured copy)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="train: activation checkpointing")
     p.add_argument("--steps", type=int, default=3, help="train: optimizer steps (the first is not timed)")

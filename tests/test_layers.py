@@ -101,16 +101,23 @@ def test_few_row_product_is_the_linear_product_summed_in_another_order():
             assert ((got.double() - exact).abs() <= exact.abs() * 2**-7 + 1e-6 * exact.abs().max()).all()
 
 
-def test_few_row_product_applies_to_plain_weights_without_gradients_or_autocast_only():
-    layer = Linear(16, 8)
+def test_few_row_product_applies_to_few_rows_without_gradients_or_autocast_only():
     x = torch.randn(1, 16)
     with torch.no_grad():
-        assert takes_few_row_product(x, layer.weight)
-        assert not takes_few_row_product(torch.randn(FEW_ROWS + 1, 16), layer.weight)  # many rows
-        assert not takes_few_row_product(x.bfloat16(), layer.weight)  # another dtype
+        assert takes_few_row_product(x) and takes_few_row_product(torch.randn(FEW_ROWS, 1, 16))
+        assert not takes_few_row_product(torch.randn(FEW_ROWS + 1, 16))  # many rows
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not takes_few_row_product(x, layer.weight)
-    assert not takes_few_row_product(x, layer.weight)  # gradients on
+            assert not takes_few_row_product(x)
+    assert not takes_few_row_product(x)  # gradients on
+
+
+def test_few_row_product_with_int8_weights_and_scales_is_the_dequantized_product():
+    g = torch.Generator().manual_seed(4)
+    q = torch.randint(-127, 128, (40, 2 * SPLIT_K), dtype=torch.int8, generator=g)
+    scale, bias, x = torch.rand(40, generator=g), torch.randn(40, generator=g), torch.randn(3, 2 * SPLIT_K, generator=g)
+    want = F.linear(x.double(), q.double() * scale.double()[:, None], bias.double())
+    got = few_row_product(x, q, bias, scale)
+    assert got.dtype == torch.float32 and (got.double() - want).abs().max() <= 1e-6 * want.abs().max()
 
 
 @pytest.mark.slow

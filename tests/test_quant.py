@@ -14,7 +14,7 @@ from molmo.checkpoint import CheckpointError
 from molmo.config import LLMConfig, MolmoConfig, VisionConfig
 from molmo.convert import quantize
 from molmo.generation import generate
-from molmo.layers import MIN_ROWS
+from molmo.layers import MIN_ROWS, few_row_product
 from molmo.quant import (GROUP_SIZE, QuantLinear, dequantize, int4_cpu_block, quantize_int4, quantize_int8,
                          unpack_int4)
 from molmo.testing import write_random_checkpoint
@@ -73,6 +73,26 @@ def test_quantized_linear_equals_the_dequantized_product(scheme, dtype):
         got = layer(x)
         assert got.shape == (2, rows, 160) and got.dtype == dtype
         assert rel(got, want) <= (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.slow
+def test_compiled_int8_linear_of_few_rows_takes_the_reduction_and_equals_the_dequantized_product(monkeypatch):
+    import molmo.quant as quant
+
+    torch.manual_seed(5)
+    w, b = torch.randn(96, 4 * GROUP_SIZE) / 10, torch.randn(96)
+    stored = quantize_int8(w)
+    layer = QuantLinear("int8", w.shape[1], w.shape[0], bias=True)
+    layer.set_weights(stored)
+    layer.bias = torch.nn.Parameter(b, requires_grad=False)
+    taken = []
+    monkeypatch.setattr(quant, "few_row_product", lambda *a: taken.append(1) or few_row_product(*a))
+    step = torch.compile(layer, fullgraph=True)
+    with torch.no_grad():
+        for rows in (1, 4):
+            x = torch.randn(rows, 1, w.shape[1])
+            assert rel(step(x), x @ dequantize("int8", stored).T + b) <= 1e-6
+    assert taken
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
@@ -255,8 +275,8 @@ def test_quantizing_a_model_in_memory_equals_quantizing_while_loading(snapshot):
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_quantized_compiled_decode_step_gives_the_eager_tokens(saved, scheme):
-    # fp32 activations: the same kernels either way, and sums that differ only in the order the compiled
-    # step fuses them cannot flip a greedy choice (in bf16, one rounding of a logit can).
+    # fp32 activations: the compiled step's sums differ from the eager ones only in their order, which
+    # cannot flip a greedy choice here (in bf16, one rounding of a logit can).
     with pytest.warns(UserWarning, match="slower"):
         model = Molmo.from_pretrained(saved[scheme], dtype="fp32")
     ids = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(1))
