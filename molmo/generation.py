@@ -145,9 +145,17 @@ def decode_one(model, tok: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, 
         return llm.logits(h)[:, 0].float()
 
 
+COMPILED_VARIANTS = 64  # compiled steps kept (batch size x cache size x dtype x device), dynamo's default is 8
+
+
 @functools.cache
 def _compiled_decode_one():
-    return torch.compile(decode_one, fullgraph=True)
+    step = torch.compile(decode_one, fullgraph=True)
+
+    def run(*args):
+        with torch._dynamo.config.patch(recompile_limit=COMPILED_VARIANTS):
+            return step(*args)
+    return run
 
 
 @torch.no_grad()  # not inference_mode: under it autocast would re-cast every weight at every step
