@@ -1,6 +1,6 @@
 """The linear layer every stage uses: nn.Linear, with a faster bf16 path on CPUs without bf16 math,
-weights packed in oneDNN's layout for CPU inference (`Linear.pack`), and few-row CPU products written
-as reductions in compiled decode steps (`few_row_product`)."""
+weights packed in oneDNN's layout for CPU inference (`Linear.pack`), and single-row CPU products written
+as reductions in compiled decode steps (`streamed_product`)."""
 from __future__ import annotations
 
 import functools
@@ -13,8 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 MIN_ROWS = 64  # below this (decoding), reading bf16 weights beats converting them
-FEW_ROWS = 8  # up to this many rows, a compiled CPU product is a reduction inductor writes itself
-SPLIT_K = 1024  # ... over input chunks of at most this many features: long rows split, many outputs
+SPLIT_K = 1024  # a compiled single-row CPU product sums over input chunks of at most this many features
 SCRATCH_MAX = 64 << 20  # elements (256 MB of float32) a scratch buffer keeps between calls
 
 _scratch = threading.local()
@@ -55,9 +54,9 @@ class Linear(nn.Linear):
     packed: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (torch.compiler.is_compiling() and takes_few_row_product(x) and x.dtype == self.weight.dtype
+        if (torch.compiler.is_compiling() and takes_streamed_product(x) and x.dtype == self.weight.dtype
                 and type(self.weight) is nn.Parameter):  # not a distributed (tensor-parallel) weight
-            return few_row_product(x, self.weight, self.bias)
+            return streamed_product(x, self.weight, self.bias)
         if self.packed is not None:
             if (x.dtype == self.packed.dtype and not torch.is_autocast_enabled(x.device.type)
                     and not (torch.is_grad_enabled() and self.weight.requires_grad)):
@@ -105,21 +104,21 @@ def _(x):
     return torch.empty_like(x)
 
 
-def takes_few_row_product(x: torch.Tensor) -> bool:
-    """Whether a compiled step may compute a product of x as `few_row_product`: few rows on CPU, no
-    autocast, no gradients."""
-    return (x.is_cpu and x.numel() <= FEW_ROWS * x.shape[-1] and not torch.is_grad_enabled()
+def takes_streamed_product(x: torch.Tensor) -> bool:
+    """Whether a compiled step computes a product of x as `streamed_product`: one row (batch-1 decoding)
+    on CPU, no autocast, no gradients. With more rows inductor's loop falls behind the plain product."""
+    return (x.is_cpu and x.numel() == x.shape[-1] and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu"))
 
 
-def few_row_product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+def streamed_product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
                     scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ w [N, K].T (times a per-output `scale` [N], plus bias) as an fp32 sum of products over
     chunks of K, rounded once to x's dtype: the linear layer's arithmetic in another order (w may be
-    int8, with its scale: the quantized product). Under torch.compile on CPU this becomes one
-    vectorized loop that streams the weight once for all rows (up to FEW_ROWS), ~1.3-1.5x the pace of
-    oneDNN's few-row products (decoding); chunks give long rows (the MLP's down projection) work for
-    both cores."""
+    int8, with its scale: the quantized product). Under torch.compile on CPU a single row's product
+    becomes one vectorized loop that streams the weight, ~1.3-1.5x the pace of oneDNN's packed
+    single-row products (decoding); chunks give long rows (the MLP's down projection) work for both
+    cores."""
     N, K = w.shape
     lead = x.shape[:-1]
     rows = materialize(x.reshape(-1, K))  # [M, K]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import MIN_ROWS, cpu_has_bf16_math, few_row_product, scratch, takes_few_row_product
+from .layers import MIN_ROWS, cpu_has_bf16_math, streamed_product, scratch, takes_streamed_product
 
 SCHEMES = ("int8", "int4")
 GROUP_SIZE = 64  # int4: inputs sharing a scale and zero
@@ -144,8 +144,8 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1])  # [N, in]
         if self._dequantize_for(x2):
             y = self._dequantized_product(x2.float()).to(x.dtype)
-        elif self.scheme == "int8" and torch.compiler.is_compiling() and takes_few_row_product(x2):
-            return few_row_product(x, self.weight, self.bias, self.weight_scale)  # 1.5-2x the kernel's pace
+        elif self.scheme == "int8" and torch.compiler.is_compiling() and takes_streamed_product(x2):
+            return streamed_product(x, self.weight, self.bias, self.weight_scale)  # 1.5-2x the kernel's pace
         elif self.scheme == "int8":
             if x.is_cuda:  # the per-channel scale factors out of the product
                 y = F.linear(x2, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from molmo.layers import (FEW_ROWS, MIN_ROWS, SPLIT_K, Linear, cpu_has_bf16_math, few_row_product,
-                          takes_few_row_product)
+from molmo.layers import (MIN_ROWS, SPLIT_K, Linear, cpu_has_bf16_math, streamed_product,
+                          takes_streamed_product)
 
 
 def _layer(n_in=96, n_out=80, bias=True):
@@ -84,50 +84,50 @@ def test_to_and_load_state_dict_work_on_the_plain_weight():
     assert layer.packed is None and torch.equal(layer.weight, state["weight"])
 
 
-def test_few_row_product_is_the_linear_product_summed_in_another_order():
+def test_streamed_product_is_the_linear_product_summed_in_another_order():
     torch.manual_seed(2)
     for n_in, bias in ((96, True), (4 * SPLIT_K, False)):  # one chunk; four chunks of SPLIT_K
         w, b = torch.randn(80, n_in), (torch.randn(80) if bias else None)
-        for rows in (1, FEW_ROWS):
+        for rows in (1, 8):  # the arithmetic holds for any number of rows
             x = torch.randn(rows, 1, n_in)
             want = F.linear(x.double(), w.double(), None if b is None else b.double())
-            got = few_row_product(x, w, b)
+            got = streamed_product(x, w, b)
             assert got.shape == (rows, 1, 80) and got.dtype == torch.float32
             assert (got.double() - want).abs().max() <= 1e-6 * want.abs().max()
             xb, wb = x.bfloat16(), w.bfloat16()  # bf16: fp32 sums of the bf16 products, rounded once
             exact = F.linear(xb.double(), wb.double(), None if b is None else b.bfloat16().double())
-            got = few_row_product(xb, wb, None if b is None else b.bfloat16())
+            got = streamed_product(xb, wb, None if b is None else b.bfloat16())
             assert got.dtype == torch.bfloat16
             assert ((got.double() - exact).abs() <= exact.abs() * 2**-7 + 1e-6 * exact.abs().max()).all()
 
 
-def test_few_row_product_applies_to_few_rows_without_gradients_or_autocast_only():
+def test_streamed_product_applies_to_one_row_without_gradients_or_autocast_only():
     x = torch.randn(1, 16)
     with torch.no_grad():
-        assert takes_few_row_product(x) and takes_few_row_product(torch.randn(FEW_ROWS, 1, 16))
-        assert not takes_few_row_product(torch.randn(FEW_ROWS + 1, 16))  # many rows
+        assert takes_streamed_product(x) and takes_streamed_product(torch.randn(1, 1, 16))
+        assert not takes_streamed_product(torch.randn(2, 16))  # more rows: the plain product
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not takes_few_row_product(x)
-    assert not takes_few_row_product(x)  # gradients on
+            assert not takes_streamed_product(x)
+    assert not takes_streamed_product(x)  # gradients on
 
 
-def test_few_row_product_with_int8_weights_and_scales_is_the_dequantized_product():
+def test_streamed_product_with_int8_weights_and_scales_is_the_dequantized_product():
     g = torch.Generator().manual_seed(4)
     q = torch.randint(-127, 128, (40, 2 * SPLIT_K), dtype=torch.int8, generator=g)
     scale, bias, x = torch.rand(40, generator=g), torch.randn(40, generator=g), torch.randn(3, 2 * SPLIT_K, generator=g)
     want = F.linear(x.double(), q.double() * scale.double()[:, None], bias.double())
-    got = few_row_product(x, q, bias, scale)
+    got = streamed_product(x, q, bias, scale)
     assert got.dtype == torch.float32 and (got.double() - want).abs().max() <= 1e-6 * want.abs().max()
 
 
 @pytest.mark.slow
-def test_compiled_few_row_linear_takes_the_reduction_and_matches_the_eager_layer(monkeypatch):
+def test_compiled_single_row_linear_takes_the_reduction_and_matches_the_eager_layer(monkeypatch):
     import molmo.layers as layers
 
     torch.manual_seed(3)
     layer = Linear(2 * SPLIT_K, 48)
     taken = []
-    monkeypatch.setattr(layers, "few_row_product", lambda *a: taken.append(1) or few_row_product(*a))
+    monkeypatch.setattr(layers, "streamed_product", lambda *a: taken.append(1) or streamed_product(*a))
     step = torch.compile(lambda x: layer(F.silu(x)), fullgraph=True)
     with torch.no_grad():
         for rows in (1, 3):

@@ -14,7 +14,7 @@ from molmo.checkpoint import CheckpointError
 from molmo.config import LLMConfig, MolmoConfig, VisionConfig
 from molmo.convert import quantize
 from molmo.generation import generate
-from molmo.layers import MIN_ROWS, few_row_product
+from molmo.layers import MIN_ROWS, streamed_product
 from molmo.quant import (GROUP_SIZE, QuantLinear, dequantize, int4_cpu_block, quantize_int4, quantize_int8,
                          unpack_int4)
 from molmo.testing import write_random_checkpoint
@@ -76,7 +76,7 @@ def test_quantized_linear_equals_the_dequantized_product(scheme, dtype):
 
 
 @pytest.mark.slow
-def test_compiled_int8_linear_of_few_rows_takes_the_reduction_and_equals_the_dequantized_product(monkeypatch):
+def test_compiled_int8_linear_of_one_row_takes_the_reduction_and_equals_the_dequantized_product(monkeypatch):
     import molmo.quant as quant
 
     torch.manual_seed(5)
@@ -86,7 +86,7 @@ def test_compiled_int8_linear_of_few_rows_takes_the_reduction_and_equals_the_deq
     layer.set_weights(stored)
     layer.bias = torch.nn.Parameter(b, requires_grad=False)
     taken = []
-    monkeypatch.setattr(quant, "few_row_product", lambda *a: taken.append(1) or few_row_product(*a))
+    monkeypatch.setattr(quant, "streamed_product", lambda *a: taken.append(1) or streamed_product(*a))
     step = torch.compile(layer, fullgraph=True)
     with torch.no_grad():
         for rows in (1, 4):
