@@ -112,7 +112,7 @@ def takes_streamed_product(x: torch.Tensor) -> bool:
 
 
 def streamed_product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
-                    scale: torch.Tensor | None = None) -> torch.Tensor:
+                     scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ w [N, K].T (times a per-output `scale` [N], plus bias) as an fp32 sum of products over
     chunks of K, rounded once to x's dtype: the linear layer's arithmetic in another order (w may be
     int8, with its scale: the quantized product). Under torch.compile on CPU a single row's product
