@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from molmo.preprocess import resize
 from molmo.preprocess.resize import resize_aa
 
 
@@ -31,8 +32,10 @@ SIZES = [  # shrinking by SHRINK or more takes the banded products, the rest tor
 ]
 
 
+@pytest.mark.parametrize("shrink", [1.0, 2.5], ids=["banded from any shrink (AVX-512)", "from 2.5x (AVX2)"])
 @pytest.mark.parametrize("src,dst", SIZES, ids=lambda s: "x".join(map(str, s)))
-def test_resize_equals_torch_antialiased_bilinear_within_float32_rounding(src, dst):
+def test_resize_equals_torch_antialiased_bilinear_within_float32_rounding(src, dst, shrink, monkeypatch):
+    monkeypatch.setattr(resize, "SHRINK", shrink)  # each CPU's choice of path, on any CPU
     image = torch.from_numpy(np.random.default_rng(sum(src + dst)).integers(0, 256, (*src, 3), dtype=np.uint8))
     got = resize_aa(image, *dst, divide=255).view(*dst, 3)
     assert (got - torch_resize(image, *dst)).abs().max() <= 1e-6  # FORMAT.md allows 1e-4 after normalising
@@ -49,6 +52,7 @@ def test_resize_writes_into_a_view_with_longer_rows_and_nothing_around_it():
 
 
 @pytest.mark.parametrize("dst", [(20, 10), (40, 30)], ids=["banded", "torch's kernel"])
-def test_resize_of_a_float_image_matches_the_uint8_one(dst):
+def test_resize_of_a_float_image_matches_the_uint8_one(dst, monkeypatch):
+    monkeypatch.setattr(resize, "SHRINK", 2.5)  # 64x48 -> 40x30 (1.6x) takes torch's kernel
     image = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (64, 48, 3), dtype=np.uint8))
     assert torch.allclose(resize_aa(image.float(), *dst), resize_aa(image, *dst), atol=1e-4)
