@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import MIN_ROWS, cpu_has_bf16_math, streamed_product, scratch, takes_streamed_product
+from .layers import MIN_ROWS, cpu_has_bf16_math, scratch, streamed_product, takes_streamed_product
 
 SCHEMES = ("int8", "int4")
 GROUP_SIZE = 64  # int4: inputs sharing a scale and zero
