@@ -54,7 +54,7 @@ class Linear(nn.Linear):
     packed: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (torch.compiler.is_compiling() and takes_streamed_product(x) and x.dtype == self.weight.dtype
+        if (takes_streamed_product(x) and x.dtype == self.weight.dtype
                 and type(self.weight) is nn.Parameter):  # not a distributed (tensor-parallel) weight
             return streamed_product(x, self.weight, self.bias)
         if self.packed is not None:
@@ -105,10 +105,11 @@ def _(x):
 
 
 def takes_streamed_product(x: torch.Tensor) -> bool:
-    """Whether a compiled step computes a product of x as `streamed_product`: one row (batch-1 decoding)
-    on CPU, no autocast, no gradients. With more rows inductor's loop falls behind the plain product."""
-    return (x.is_cpu and x.numel() == x.shape[-1] and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu"))
+    """Whether a product of x is computed as `streamed_product`: while compiling, one row (batch-1
+    decoding) on CPU, no autocast, no gradients. With more rows inductor's loop falls behind the plain
+    product; eager, oneDNN's packed products are faster than the reduction."""
+    return (torch.compiler.is_compiling() and x.is_cpu and x.numel() == x.shape[-1]
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"))
 
 
 def streamed_product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
@@ -126,7 +127,7 @@ def streamed_product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
     while K % (2 * s) == 0 and K // s > SPLIT_K:
         s *= 2
     parts = (w.view(N, 1, s, K // s).float() * rows.view(1, -1, s, K // s).float()).sum(-1)  # [N, M, s]
-    out = parts.sum(-1).t() if s > 1 else parts[..., 0].t()  # [M, N]
+    out = parts.sum(-1).t()  # [M, N]
     if scale is not None:
         out = out * scale.float()
     if bias is not None:

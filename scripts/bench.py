@@ -373,8 +373,8 @@ def bench_quant(a) -> dict:
     inputs = _image_inputs(480, 640, 1, 64)
     batch = {k: v[None] for k, v in inputs.items()}
     n_new = a.new_tokens or 64
-    out = {"workload": "quant", "device": a.device, "dtype": mode, "compile": a.compile, "decode_tok_s": {}, "prefill_s": {},
-           "logits_rel_err": {}, "top1_agreement": {}}
+    out = {"workload": "quant", "device": a.device, "dtype": mode, "compile": a.compile, "decode_tok_s": {},
+           "prefill_s": {}, "logits_rel_err": {}, "top1_agreement": {}}
     for scheme in (mode, "int8", "int4"):
         model = random_model(MID, dtype=torch.bfloat16 if mode == "bf16" else torch.float32, device=a.device)
         model.mode = mode  # the same weights each time (seed 0)

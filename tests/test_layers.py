@@ -101,8 +101,11 @@ def test_streamed_product_is_the_linear_product_summed_in_another_order():
             assert ((got.double() - exact).abs() <= exact.abs() * 2**-7 + 1e-6 * exact.abs().max()).all()
 
 
-def test_streamed_product_applies_to_one_row_without_gradients_or_autocast_only():
+def test_streamed_product_applies_while_compiling_to_one_row_without_gradients_or_autocast_only(monkeypatch):
     x = torch.randn(1, 16)
+    with torch.no_grad():
+        assert not takes_streamed_product(x)  # eager: the packed products
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     with torch.no_grad():
         assert takes_streamed_product(x) and takes_streamed_product(torch.randn(1, 1, 16))
         assert not takes_streamed_product(torch.randn(2, 16))  # more rows: the plain product
