@@ -52,8 +52,9 @@ def _parser() -> argparse.ArgumentParser:
         g.add_argument("--top-p", type=float, default=None)
         g.add_argument("--top-k", type=int, default=None)
         g.add_argument("--seed", type=int, default=None)
-        g.add_argument("--compile", action="store_true",
-                       help="torch.compile the decode step: faster tokens after a one-time compilation")
+        g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the decode step (faster tokens after a one-time compilation); "
+                            "default: on CPU for long batch-1 answers")
         if name != "batch":
             g.add_argument("--tp", type=int, default=None,
                            help="tensor parallelism over N processes: torchrun --nproc-per-node N ... --tp N")

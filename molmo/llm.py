@@ -230,19 +230,23 @@ class Decoder(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-                slots: torch.Tensor | None = None, hidden_states: list | None = None) -> torch.Tensor:
+                slots: torch.Tensor | None = None, hidden_states: list | None = None, run_block=None) -> torch.Tensor:
         """Embeddings [B, T, hidden] at positions [B, T] -> hidden states [B, T, hidden] (before `norm`).
 
         mask: bool [B, 1, T, S], True where a query may attend to a key, or None for plain causal
         attention. With a KV cache set up, slots [T] are the cache columns this call writes and S
         (T without a mask) the cache columns it reads. `hidden_states`, if a list, receives the
-        input of every block.
+        input of every block. `run_block(block, x, cos, sin, mask, slots)`, if given, runs each block
+        (generation passes a compiled one).
         """
         cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
         for block in self.blocks:
             if hidden_states is not None:
                 hidden_states.append(x)
-            x = checkpointed(block, self.gradient_checkpointing, x, cos, sin, mask, slots)
+            if run_block is not None:
+                x = run_block(block, x, cos, sin, mask, slots)
+            else:
+                x = checkpointed(block, self.gradient_checkpointing, x, cos, sin, mask, slots)
         return x
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

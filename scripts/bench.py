@@ -256,14 +256,19 @@ def _image_inputs(h: int, w: int, max_crops: int, n_prompt: int, seed: int = 0) 
             "image_input_idx": torch.from_numpy(idx)}
 
 
-def _decode_bench(model, inputs, n_new: int, device, compile: bool = False) -> dict:
-    from molmo.generation import generate
+def _decode_bench(model, inputs, n_new: int, device, compile: bool | None = None) -> dict:
+    """Timings of one generation after a warm-up run of the same length (which compiles the step when
+    compile is True, or None and generation chooses to: the same cache size, so the timed run reuses it);
+    plus "compiled" (the step the timed run took) and "warmup_s" (that first run, compilation included)."""
+    from molmo.generation import GenerationConfig, compiles, generate
 
-    # Warm-up; compiling, with the same cache size as the timed run so it reuses the compiled step.
-    generate(model, inputs, max_new_tokens=n_new if compile else 4, stop_on_eos=False, compile=compile)
+    cfg = GenerationConfig(max_new_tokens=n_new, stop_on_eos=False, compile=compile)
+    t = time.perf_counter()
+    generate(model, inputs, cfg)
     _sync(device)
-    out = generate(model, inputs, max_new_tokens=n_new, stop_on_eos=False, compile=compile)
-    return out.timings
+    warmup = time.perf_counter() - t
+    out = generate(model, inputs, cfg)
+    return out.timings | {"compiled": compiles(model, cfg, 1), "warmup_s": warmup}
 
 
 def bench_mid(a) -> dict:
@@ -285,6 +290,7 @@ def bench_mid(a) -> dict:
             "prefill_s": round(timings["prefill_s"], 3), "decode_tok_s": round(timings["tokens_per_s"], 2),
             "weight_gb_per_token": round(per_token / 1e9, 3), "copy_bandwidth_gb_s": round(bw, 2),
             "read_bandwidth_gb_s": round(read, 2), "bound_tok_s": round(bound, 2),
+            "compiled": timings["compiled"], "warmup_s": round(timings["warmup_s"], 1),
             "fraction_of_bound": round(timings["tokens_per_s"] / bound, 3),
             "reference": reference}  # the official code, timed in this run with --reference-code
 
@@ -373,7 +379,7 @@ def bench_quant(a) -> dict:
     inputs = _image_inputs(480, 640, 1, 64)
     batch = {k: v[None] for k, v in inputs.items()}
     n_new = a.new_tokens or 64
-    out = {"workload": "quant", "device": a.device, "dtype": mode, "compile": a.compile, "decode_tok_s": {},
+    out = {"workload": "quant", "device": a.device, "dtype": mode, "compiled": {}, "decode_tok_s": {},
            "prefill_s": {}, "logits_rel_err": {}, "top1_agreement": {}}
     for scheme in (mode, "int8", "int4"):
         model = random_model(MID, dtype=torch.bfloat16 if mode == "bf16" else torch.float32, device=a.device)
@@ -388,6 +394,7 @@ def bench_quant(a) -> dict:
             out["logits_rel_err"][scheme], out["top1_agreement"][scheme] = _agreement(logits, ref)
         timings = _decode_bench(model, inputs, n_new, a.device, a.compile)
         out["decode_tok_s"][scheme] = round(timings["tokens_per_s"], 2)
+        out["compiled"][scheme] = timings["compiled"]
         out["prefill_s"][scheme] = round(timings["prefill_s"], 2)
         del model
         gc.collect()
@@ -435,7 +442,7 @@ def bench_full(a) -> dict:
     hbm = a.hbm_gb_s or copy_bandwidth_gb_s(device)
     bound = hbm * 1e9 / per_token
     rate = timings.get("steady_tokens_per_s", timings["tokens_per_s"])
-    return {"workload": "full", "dtype": mode, "quantize": a.quantize, "device": device, "compile": a.compile, "crops": n_crops,
+    return {"workload": "full", "dtype": mode, "quantize": a.quantize, "device": device, "compiled": timings["compiled"], "crops": n_crops,
             "prompt_tokens": len(inputs["input_ids"]), "ttft_s": round(statistics.median(ttft), 4),
             "ttft_runs_s": [round(t, 4) for t in ttft], "vision_connector_s": round(statistics.median(vision), 4),
             "decode_tok_s": round(rate, 1), "decode_tok_s_with_setup": round(timings["tokens_per_s"], 1),
@@ -559,7 +566,8 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=None, help="mid, full: 128 by default; batch: 32")
     p.add_argument("--tokenizer", default=str(Path(__file__).resolve().parents[2] / "shared" / "tokenizer"),
                    help="batch: folder of tokenizer.json")
-    p.add_argument("--compile", action="store_true", help="mid, full, quant: torch.compile the decode step")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="mid, full, quant: torch.compile the decode step, or not (default: as generation decides)")
     p.add_argument("--hbm-gb-s", type=float, default=None, help="bandwidth for the bound (default: measured copy)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="train: activation checkpointing")
     p.add_argument("--steps", type=int, default=3, help="train: optimizer steps (the first is not timed)")

@@ -141,10 +141,10 @@ def test_generate_compile_flag_reaches_the_generation_config(text_model_dir, mon
     seen = []
     real = generation.generate
     monkeypatch.setattr(generation, "generate", lambda *a, **k: seen.append(a[2]) or real(*a, **k))
-    for flags in ([], ["--compile"]):
+    for flags in ([], ["--compile"], ["--no-compile"]):
         assert cli.main(["generate", "--model", str(text_model_dir), "--prompt", "Hi", "--max-new-tokens", "1",
                          "--json", *flags]) == 0
-    assert [c.compile for c in seen] == [False, True]
+    assert [c.compile for c in seen] == [None, True, False]  # None: generation decides
 
 
 def test_quantized_cpu_runs_default_to_bf16_activations_and_an_explicit_dtype_wins():

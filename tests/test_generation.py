@@ -197,16 +197,60 @@ def test_readme_quick_start_and_ask_helper(text_model_dir):
 
 
 @pytest.mark.slow
-def test_compiled_decode_step_gives_the_eager_tokens_and_reuses_its_compilation(tiny):
+def test_compiled_decode_step_gives_the_eager_tokens_and_compiles_one_block_for_all(tiny):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()  # reset() keeps the counts of compilations in earlier tests
+    assert len(tiny.llm.blocks) > 1
     exs = [_example(3, 40, 2), _example(4, 52, 1)]  # both fit one 256-column cache: one compilation
     for ex in exs:
-        eager = generate(tiny, ex, max_new_tokens=8, stop_on_eos=False).tokens
+        eager = generate(tiny, ex, max_new_tokens=8, stop_on_eos=False, compile=False).tokens
         compiled = generate(tiny, ex, max_new_tokens=8, stop_on_eos=False, compile=True).tokens
         assert torch.equal(compiled, eager)
     counters = torch._dynamo.utils.counters
-    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # one block's graph, the head's
+
+
+def test_automatic_compile_takes_cpu_batch_one_answers_long_enough_or_after_a_compiled_one(tiny, monkeypatch):
+    import molmo.generation as generation
+
+    monkeypatch.setattr(tiny, "compiled_decoding", False, raising=False)
+    linear_bytes = sum(m.weight.numel() * 4 for m in tiny.llm.modules() if isinstance(m, torch.nn.Linear))
+    monkeypatch.setattr(generation, "AUTO_COMPILE_BYTES", linear_bytes * 9)  # 10 new tokens and more
+    cfg = GenerationConfig  # compile=None by default
+    assert cfg().compile is None
+    assert generation.compiles(tiny, cfg(max_new_tokens=10), 1)
+    assert not generation.compiles(tiny, cfg(max_new_tokens=9), 1)
+    assert not generation.compiles(tiny, cfg(max_new_tokens=100), 2)  # more rows: eager packed products
+    assert generation.compiles(tiny, cfg(max_new_tokens=2, compile=True), 2)  # an explicit choice wins
+    assert not generation.compiles(tiny, cfg(max_new_tokens=100, compile=False), 1)
+
+    used = []  # the compiled step, recorded instead of compiled (test_compiled_decode_step... compiles it)
+    monkeypatch.setattr(generation, "compiled_decode_one",
+                        lambda device: lambda *a: used.append(device) or generation.decode_one(*a))
+    ex = _example(5)
+    eager = generate(tiny, ex, max_new_tokens=10, stop_on_eos=False, compile=False).tokens
+    assert torch.equal(generate(tiny, ex, max_new_tokens=10, stop_on_eos=False).tokens, eager)
+    assert used == ["cpu"] * 9 and tiny.compiled_decoding
+    generate(tiny, ex, max_new_tokens=3, stop_on_eos=False)  # short, but the model compiled before
+    assert len(used) == 11
+
+
+def test_automatic_compile_decodes_eagerly_with_a_warning_when_compiling_fails(tiny, monkeypatch):
+    import molmo.generation as generation
+
+    def no_compiler(*args):
+        raise RuntimeError("InductorError: no C++ compiler found\n(details)")
+
+    monkeypatch.setattr(tiny, "compiled_decoding", False, raising=False)
+    monkeypatch.setattr(generation, "AUTO_COMPILE_BYTES", 0)
+    monkeypatch.setattr(generation, "compiled_decode_one", lambda device: no_compiler)
+    ex = _example(6)
+    eager = generate(tiny, ex, max_new_tokens=6, stop_on_eos=False, compile=False).tokens
+    with pytest.warns(UserWarning, match="decoding eagerly: compiling the decode step failed: InductorError"):
+        auto = generate(tiny, ex, max_new_tokens=6, stop_on_eos=False).tokens
+    assert torch.equal(auto, eager) and not tiny.compiled_decoding
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):  # asked for explicitly: the error
+        generate(tiny, ex, max_new_tokens=6, stop_on_eos=False, compile=True)
 
 
 def test_timings_give_first_token_latency_and_the_steady_rate_after_set_up(tiny):
