@@ -177,8 +177,8 @@ def _compiled(fn):
 def compiled_decode_one(device_type: str):
     """decode_one compiled. On CUDA the whole step is one graph. On CPU each block and the head are
     compiled on their own ("regional" compilation): every block runs the same compiled code, so it
-    compiles one block, not the whole stack (~4 s against ~50 s on 2 cores for the mid model), and
-    decodes as fast (the blocks' products dominate either way)."""
+    compiles one block, not the whole stack (mid model, 2 cores: ~5 s with inductor's disk cache, ~15 s
+    without, against ~15 s and ~45 s for the whole step), and decodes as fast."""
     if device_type == "cuda":
         return _compiled(decode_one)
     return functools.partial(decode_one, run_block=_compiled(run_block), head=_compiled(last_logits))
@@ -187,15 +187,15 @@ def compiled_decode_one(device_type: str):
 def compiles(model, cfg: GenerationConfig, batch: int) -> bool:
     """Whether decoding compiles its step: cfg.compile when set. Automatically (None), on CPU at batch 1
     (more rows decode faster with oneDNN's packed products) without tensor parallelism, once the
-    weights the decoder reads over all new tokens reach AUTO_COMPILE_BYTES (compiling costs ~4-6 s
+    weights the decoder reads over all new tokens reach AUTO_COMPILE_BYTES (compiling costs ~5-15 s
     once per process and cache size; the compiled step then takes about two thirds of the eager
-    step's time per token), or when this model compiled its step before."""
+    step's time per token); always once this model compiled its step, never once compiling failed."""
     if cfg.compile is not None:
         return cfg.compile
     if model.device.type != "cpu" or batch != 1 or getattr(model, "split", None) is not None:
         return False
-    if getattr(model, "compiled_decoding", False):
-        return True
+    if getattr(model, "compiled_decoding", None) is not None:  # set by an automatic choice before
+        return model.compiled_decoding
     linears = [m for m in model.llm.modules() if hasattr(m, "in_features") and hasattr(m, "out_features")]
     weight_bytes = sum(m.in_features * m.out_features for m in linears) * model.dtype.itemsize
     return weight_bytes * (cfg.max_new_tokens - 1) >= AUTO_COMPILE_BYTES
@@ -218,7 +218,7 @@ def _eager_if_compiling_fails(compiled):
             out = fn(*args)
         else:
             fn = compiled
-        args[0].compiled_decoding = fn is compiled  # the model: later automatic calls follow
+        args[0].compiled_decoding = fn is compiled  # the model: later automatic calls follow, no retries
         return out
     return run
 
