@@ -92,16 +92,13 @@ class Linear(nn.Linear):
         super()._load_from_state_dict(*args, **kwargs)
 
 
-@torch.library.custom_op("molmo::materialize", mutates_args=())
-def materialize(x: torch.Tensor) -> torch.Tensor:
-    """A copy of x that torch.compile keeps as a buffer (an opaque op): a product's input is then
-    computed once, not once per output feature inside the product's loop."""
-    return x.clone()
-
-
-@materialize.register_fake
-def _(x):
-    return torch.empty_like(x)
+def computed_once(x: torch.Tensor) -> torch.Tensor:
+    """x; while compiling, computed into a buffer of its own inside the fused kernel (inductor's
+    `force_stride_order`, registered whenever dynamo traces): a product's input (a norm, SiLU) is then
+    computed once, not once per output feature inside the product's loop (71 ms a bf16 step against 48)."""
+    if not torch.compiler.is_compiling():
+        return x
+    return torch.ops.prims.inductor_force_stride_order(x, x.stride())
 
 
 def takes_streamed_product(x: torch.Tensor) -> bool:
@@ -122,7 +119,7 @@ def streamed_product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
     cores."""
     N, K = w.shape
     lead = x.shape[:-1]
-    rows = materialize(x.reshape(-1, K))  # [M, K]
+    rows = computed_once(x.reshape(-1, K))  # [M, K]
     s = 1
     while K % (2 * s) == 0 and K // s > SPLIT_K:
         s *= 2
