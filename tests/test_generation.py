@@ -212,6 +212,18 @@ def test_compiled_decode_step_gives_the_eager_tokens_and_compiles_one_block_for_
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # one block's graph, the head's
 
 
+@pytest.mark.slow
+def test_compiled_functions_keep_more_variants_than_dynamos_default_of_eight():
+    import molmo.generation as generation
+
+    torch._dynamo.reset()
+    add = generation._compiled(lambda x: x + 1)
+    dtypes = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.int16,
+              torch.int8, torch.uint8, torch.complex64)  # a graph each (fullgraph: past the limit dynamo raises)
+    for dtype in dtypes:
+        assert torch.equal(add(torch.zeros(3, dtype=dtype)), torch.ones(3, dtype=dtype))
+
+
 def test_automatic_compile_takes_cpu_batch_one_answers_long_enough_or_after_a_compiled_one(tiny, monkeypatch):
     import molmo.generation as generation
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from molmo.layers import (MIN_ROWS, SPLIT_K, Linear, cpu_has_bf16_math, streamed_product,
+from molmo.layers import (MIN_ROWS, SPLIT_K, Linear, computed_once, cpu_has_bf16_math, streamed_product,
                           takes_streamed_product)
 
 
@@ -112,6 +112,11 @@ def test_streamed_product_applies_while_compiling_to_one_row_without_gradients_o
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert not takes_streamed_product(x)
     assert not takes_streamed_product(x)  # gradients on
+
+
+def test_computed_once_is_the_input_itself_outside_compilation():
+    x = torch.randn(3, 16)
+    assert computed_once(x) is x  # eager: no copy; compiled: a buffer (the compiled tests below)
 
 
 def test_streamed_product_with_int8_weights_and_scales_is_the_dequantized_product():
