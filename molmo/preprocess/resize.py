@@ -12,6 +12,8 @@ arithmetic done in them).
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -25,11 +27,12 @@ SHRINK = 1.0 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") els
 ROWS, COLUMNS = 8, 16  # outputs per product along each axis: more read more zero weights, fewer make small products
 
 
+@functools.lru_cache(maxsize=16)  # photos of one size share them (a dataset's camera): ~0.5 ms a view
 def aa_weights(n_in: int, n_out: int, block: int, divide: float = 1.0) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """One axis's weights, `block` outputs at a time: [n_blocks, block, K] float32 (row i of block b
     weighs inputs start_b + k) and each block's input range (start_b, end_b). As torch's CPU kernel
     computes them in float32, step by step (scale, support, centre, first tap, tap count), each row
-    normalised to sum 1, over `divide`."""
+    normalised to sum 1, over `divide`. Cached: read them, never write to them."""
     f32 = np.float32
     scale = f32(n_in) / f32(n_out)
     support = scale if scale >= 1 else f32(1)  # the triangle's half-width, widened when shrinking
@@ -63,12 +66,20 @@ def _banded_rows(src: torch.Tensor, weights: torch.Tensor, ranges: list[tuple[in
     return out
 
 
-def _banded_columns(src: torch.Tensor, weights: torch.Tensor, ranges: list[tuple[int, int]], out: torch.Tensor,
+@functools.lru_cache(maxsize=16)
+def pixel_weights(n_in: int, n_out: int, c: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """`aa_weights` for pixels of c channels, COLUMNS outputs at a time: W kron I_c per block,
+    [n_blocks, K*c, COLUMNS*c], and the blocks' input pixel ranges. Cached like them."""
+    weights, ranges = aa_weights(n_in, n_out, COLUMNS)
+    return torch.einsum("nbk,ij->nkibj", weights, torch.eye(c)).flatten(3).flatten(1, 2), ranges
+
+
+def _banded_columns(src: torch.Tensor, per_pixel: torch.Tensor, ranges: list[tuple[int, int]], out: torch.Tensor,
                     c: int):
-    """Columns of pixels of c channels: out [H, n_out * c] = src [H, n_in * c] @ (W kron I_c)^T, a block
-    of output pixels at a time from the input pixels it reads; out may be a view with longer rows."""
-    block = weights.shape[1]
-    per_pixel = torch.einsum("nbk,ij->nkibj", weights, torch.eye(c)).flatten(3).flatten(1, 2)  # [n, K*c, block*c]
+    """Columns of pixels of c channels: out [H, n_out * c] = src [H, n_in * c] @ per_pixel blocks
+    (`pixel_weights`), a block of output pixels at a time from the input pixels it reads; out may be a
+    view with longer rows."""
+    block = per_pixel.shape[2] // c
     n_out = out.shape[1] // c
     for i, (a, b) in enumerate(ranges):
         o0, o1 = i * block, min((i + 1) * block, n_out)
@@ -99,4 +110,4 @@ def resize_aa(image: torch.Tensor, height: int, width: int, divide: float = 1.0,
         return out
     tall = scratch(name + "tall", (height, w * c))
     _banded_rows(image.reshape(h, w * c), *aa_weights(h, height, ROWS, divide), tall)  # [height, w*C]
-    return _banded_columns(tall, *aa_weights(w, width, COLUMNS), out, c)
+    return _banded_columns(tall, *pixel_weights(w, width, c), out, c)

@@ -56,3 +56,15 @@ def test_resize_of_a_float_image_matches_the_uint8_one(dst, monkeypatch):
     monkeypatch.setattr(resize, "SHRINK", 2.5)  # 64x48 -> 40x30 (1.6x) takes torch's kernel
     image = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (64, 48, 3), dtype=np.uint8))
     assert torch.allclose(resize_aa(image.float(), *dst), resize_aa(image, *dst), atol=1e-4)
+
+
+def test_resizes_of_one_size_share_their_weights_and_give_the_same_pixels(monkeypatch):
+    monkeypatch.setattr(resize, "SHRINK", 1.0)  # the banded products, whose weights are cached
+    resize.aa_weights.cache_clear()
+    resize.pixel_weights.cache_clear()
+    image = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (200, 300, 3), dtype=np.uint8))
+    first = resize_aa(image, 60, 80, divide=255).clone()
+    again = resize_aa(image, 60, 80, divide=255)
+    assert resize.pixel_weights.cache_info().hits == 1 and resize.aa_weights.cache_info().hits == 1
+    assert torch.equal(first, again)
+    assert (again.view(60, 80, 3) - torch_resize(image, 60, 80)).abs().max() <= 1e-6
