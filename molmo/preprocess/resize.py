@@ -3,16 +3,18 @@
 (the reference's resize), within float32 rounding.
 
 Shrinking by SHRINK or more (a photo to the crops' or the global view's size), each axis is a matrix
-product with a band of weights instead: an output row mixes the input rows under its triangle filter,
-whose width grows with the shrink, and torch's kernel slows with it while a product does not. The
-product runs a block of outputs at a time over just the inputs the block reads, so the uint8 image is
-converted to float in small pieces, never whole. Milder shrinks and enlargements keep torch's kernel.
-Large buffers are reused across calls (fresh large allocations cost more in page faults than the
-arithmetic done in them).
+product instead: an output row mixes the input rows under its triangle filter, whose width grows with
+the shrink, and torch's kernel slows with it while a product does not. Rows are a sparse product (only
+the filter's taps), over a slab of input rows at a time, so the uint8 image is converted to float in
+pieces that stay in cache, once for all the resizes of one image (`resize_views`: tiling's two views).
+Columns are a banded product, a block of output pixels at a time over just the input pixels it reads.
+Milder shrinks and enlargements keep torch's kernel. Large buffers are reused across calls (fresh large
+allocations cost more in page faults than the arithmetic done in them).
 """
 from __future__ import annotations
 
 import functools
+import warnings
 
 import numpy as np
 import torch
@@ -20,11 +22,13 @@ import torch.nn.functional as F
 
 from ..layers import scratch
 
-# From this shrink on the banded products beat torch's kernel, on 2 cores: with AVX-512 from any shrink
+# From this shrink on the products beat torch's kernel, on 2 cores: with AVX-512 from any shrink
 # (1920x1080 tiled, a 1.4-1.9x shrink: 24 -> 20 ms for the whole `tile_image`), with AVX2 from 2.5x
-# (2.5x faster at a 3x shrink, 2x at 6x; milder shrinks were slower there).
+# (2.5x faster at a 3x shrink, 2x at 6x; milder shrinks were slower there). Measured with banded rows,
+# before the sparse ones, which are faster still.
 SHRINK = 1.0 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 2.5
-ROWS, COLUMNS = 8, 16  # outputs per product along each axis: more read more zero weights, fewer make small products
+COLUMNS = 16  # output pixels per column product: more read more zero weights, fewer make small products
+SLAB_BYTES = 4 << 20  # float32 input rows converted at a time (at least the widest filter's taps)
 
 
 @functools.lru_cache(maxsize=16)  # photos of one size share them (a dataset's camera): ~0.5 ms a view
@@ -53,17 +57,47 @@ def aa_weights(n_in: int, n_out: int, block: int, divide: float = 1.0) -> tuple[
     return torch.from_numpy(w.astype(f32)), [(int(a), int(b)) for a, b in zip(starts, ends)]
 
 
-def _banded_rows(src: torch.Tensor, weights: torch.Tensor, ranges: list[tuple[int, int]], out: torch.Tensor):
-    """Rows: out [n_out, C] = W @ src [n_in, C] for a banded W (`aa_weights`); a uint8 src is converted
-    to float32 a block of rows at a time, a float32 one read as it is."""
-    block = weights.shape[1]
+@functools.lru_cache(maxsize=16)
+def row_slabs(n_in: int, n_outs: tuple[int, ...], divide: float, slab: int) -> list[tuple[int, int, list]]:
+    """Rows of several resizes of n_in rows, `slab` input rows at a time: per slab, the input rows it
+    converts (lo, hi) and per resize (o0, o1, W) or None: outputs o0:o1 = W @ rows lo:hi, W a sparse
+    CSR matrix of the filter taps (`aa_weights`, over `divide`). An output belongs to the slab holding
+    its last tap; a slab also converts the widest filter's rows before its own. Cached like `aa_weights`."""
+    taps = [aa_weights(n_in, n, 1, divide) for n in n_outs]  # per output: [n, 1, K] weights and (first, end)
+    bounds = [np.array(ranges).reshape(-1, 2) for _, ranges in taps]
+    reach = max(int((b[:, 1] - b[:, 0]).max()) for b in bounds)
+    slabs = []
+    for s0 in range(0, n_in, slab):
+        s1, lo = min(n_in, s0 + slab), max(0, s0 - reach)
+        mats = []
+        for (w, _), b in zip(taps, bounds):
+            o = np.nonzero((b[:, 1] > s0) & (b[:, 1] <= s1))[0]
+            if len(o) == 0:
+                mats.append(None)
+                continue
+            j = b[o, :1] + np.arange(w.shape[2])  # [len(o), K] input rows under each filter
+            taken = j < b[o, 1:]
+            crow = np.concatenate([[0], np.cumsum(taken.sum(1))])
+            cols, vals = j[taken] - lo, w[o, 0][torch.from_numpy(taken)]
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": mm on it is all we use
+                warnings.simplefilter("ignore", UserWarning)
+                mat = torch.sparse_csr_tensor(torch.from_numpy(crow).int(), torch.from_numpy(cols).int(), vals,
+                                              size=(len(o), s1 - lo))  # int32 indices, as MKL reads them
+            mats.append((int(o[0]), int(o[-1]) + 1, mat))
+        slabs.append((lo, s1, mats))
+    return slabs
+
+
+def _sparse_rows(src: torch.Tensor, slabs: list, outs: list[torch.Tensor]):
+    """Rows: outs[k] [n_k, C] = W_k @ src [n_in, C] over `row_slabs`; a uint8 src is converted to
+    float32 a slab at a time (once for all outs), a float32 one read as it is."""
     if src.dtype != torch.float32:
-        rows = scratch("band_rows", (max(b - a for a, b in ranges), src.shape[1]))
-    for i, (a, b) in enumerate(ranges):
-        o0, o1 = i * block, min((i + 1) * block, len(out))
-        part = src[a:b] if src.dtype == torch.float32 else rows[:b - a].copy_(src[a:b])
-        torch.mm(weights[i, :o1 - o0, :b - a], part, out=out[o0:o1])
-    return out
+        rows = scratch("slab_rows", (max(hi - lo for lo, hi, _ in slabs), src.shape[1]))
+    for lo, hi, mats in slabs:
+        x = src[lo:hi] if src.dtype == torch.float32 else rows[:hi - lo].copy_(src[lo:hi])  # [hi - lo, C]
+        for m, out in zip(mats, outs):
+            if m is not None:  # addmm with beta=0 writes out; mm would zero a temporary and copy it there
+                torch.addmm(out[m[0]:m[1]], m[2], x, beta=0, out=out[m[0]:m[1]])
 
 
 @functools.lru_cache(maxsize=16)
@@ -88,26 +122,39 @@ def _banded_columns(src: torch.Tensor, per_pixel: torch.Tensor, ranges: list[tup
 
 
 def banded(h: int, w: int, height: int, width: int) -> bool:
-    """Whether `resize_aa` takes the banded products for this resize (else torch's kernel, on float)."""
+    """Whether `resize_views` takes the products for this resize (else torch's kernel, on float)."""
     # One column out of several rows: torch's kernel gives every row the first row's value, as in the reference.
     return min(h / height, w / width) >= SHRINK and not (width == 1 and height != h)
 
 
+def resize_views(image: torch.Tensor, sizes: list[tuple[int, int]], divide: float = 1.0,
+                 outs: list[torch.Tensor] | None = None, names: list[str] | None = None) -> list[torch.Tensor]:
+    """uint8 (or float32) [h, w, C] -> one float32 [height, width * C] per (height, width) in `sizes`,
+    over `divide` (255: values in [0, 1]), written into `outs` when given ([height, width * C] views
+    whose rows may be longer). The banded resizes share one pass over the image's rows; intermediates
+    live in scratch buffers named after `names`."""
+    h, w, c = image.shape
+    outs = outs or [torch.empty(height, width * c) for height, width in sizes]
+    names = names or [str(i) for i in range(len(sizes))]
+    products = [i for i, size in enumerate(sizes) if banded(h, w, *size)]
+    if len(products) < len(sizes) and not (image.dtype == torch.float32 and divide == 1):
+        image, divide = scratch("unit", (h, w, c)).copy_(image).div_(divide), 1  # torch's kernel reads float
+    for i, (height, width) in enumerate(sizes):
+        if i not in products:
+            x = F.interpolate(image.permute(2, 0, 1)[None], size=(height, width), mode="bilinear",  # channels-
+                              align_corners=False, antialias=True)[0]                    # last [1, C, h, w]
+            outs[i].view(height, width, c).copy_(x.permute(1, 2, 0))
+    if products:
+        slab = max(SLAB_BYTES // (4 * w * c), 1)
+        talls = [scratch(names[i] + "tall", (sizes[i][0], w * c)) for i in products]  # [height, w*C]
+        _sparse_rows(image.reshape(h, w * c), row_slabs(h, tuple(sizes[i][0] for i in products), float(divide), slab),
+                     talls)
+        for i, tall in zip(products, talls):
+            _banded_columns(tall, *pixel_weights(w, sizes[i][1], c), outs[i], c)
+    return outs
+
+
 def resize_aa(image: torch.Tensor, height: int, width: int, divide: float = 1.0, out: torch.Tensor | None = None,
               name: str = "") -> torch.Tensor:
-    """uint8 (or float32) [h, w, C] -> float32 [height, width * C] over `divide` (255: values in [0, 1]),
-    written into `out` when given (a [height, width * C] view whose rows may be longer); intermediates
-    in scratch buffers named after `name`."""
-    h, w, c = image.shape
-    if out is None:
-        out = torch.empty(height, width * c)
-    if not banded(h, w, height, width):
-        x = image if image.dtype == torch.float32 and divide == 1 else (
-            scratch("unit", (h, w, c)).copy_(image).div_(divide))
-        x = F.interpolate(x.permute(2, 0, 1)[None], size=(height, width), mode="bilinear",  # channels-last [1, C, h, w]
-                          align_corners=False, antialias=True)[0]
-        out.view(height, width, c).copy_(x.permute(1, 2, 0))
-        return out
-    tall = scratch(name + "tall", (height, w * c))
-    _banded_rows(image.reshape(h, w * c), *aa_weights(h, height, ROWS, divide), tall)  # [height, w*C]
-    return _banded_columns(tall, *pixel_weights(w, width, c), out, c)
+    """One resize of `resize_views`: [h, w, C] -> float32 [height, width * C] over `divide`."""
+    return resize_views(image, [(height, width)], divide, None if out is None else [out], [name])[0]

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..layers import scratch
-from .resize import banded, resize_aa
+from .resize import resize_views
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -105,28 +105,31 @@ def fit(h: int, w: int, height: int, width: int) -> tuple[int, int]:
     return max(1, int(np.float32(h) * scale)), max(1, int(np.float32(w) * scale))
 
 
-def resize_and_pad(image: torch.Tensor, height: int, width: int, cfg: ImageConfig, name: str = "padded",
-                   divide: float = 255):
-    """uint8 [h, w, 3] (or float32 already divided) -> in [0, 1], resized to fit, normalised and padded
-    to [height, width, 3] (a scratch buffer: copy what you keep), and the resized image's place in it,
-    (top, left, rows, cols)."""
-    nh, nw = fit(*image.shape[:2], height, width)
-    # Per-channel constants repeated along a row of pixels: a row-long operand keeps the passes below
-    # vectorized (broadcasting 3 values over each pixel took 8x as long).
-    mean = torch.tensor(cfg.mean, dtype=torch.float32).repeat(width)  # [width * 3]
-    std = torch.tensor(cfg.std, dtype=torch.float32).repeat(width)
-    pad = (torch.zeros_like(mean) - mean).div_(std)  # a row of padding pixels (0) normalised like the image
-    top, left = (height - nh) // 2, (width - nw) // 2
-    out = scratch(name, (height, width, 3))
-    rows = out.view(height, width * 3)
-    rows[:top] = pad
-    rows[top + nh:] = pad
-    rows[top:top + nh, :3 * left] = pad[:3 * left]
-    rows[top:top + nh, 3 * (left + nw):] = pad[3 * (left + nw):]
-    inside = rows[top:top + nh, 3 * left:3 * (left + nw)]  # [nh, nw * 3]
-    resize_aa(image, nh, nw, divide=divide, out=inside, name=name)
-    inside.clamp_(0, 1).sub_(mean[:3 * nw]).div_(std[:3 * nw])
-    return out, (top, left, nh, nw)
+def resize_and_pad(image: torch.Tensor, views: list[tuple[int, int]], cfg: ImageConfig,
+                   names: list[str]) -> list[tuple[torch.Tensor, tuple[int, int, int, int]]]:
+    """uint8 [h, w, 3] -> per (height, width) view: the image in [0, 1], resized to fit, normalised and
+    padded to [height, width, 3] (a scratch buffer named after the view: copy what you keep), and the
+    resized image's place in it, (top, left, rows, cols). The views share one pass over the image."""
+    sizes = [fit(*image.shape[:2], height, width) for height, width in views]
+    canvases, insides = [], []
+    for (height, width), (nh, nw), name in zip(views, sizes, names):
+        top, left = (height - nh) // 2, (width - nw) // 2
+        canvases.append((scratch(name, (height, width, 3)), (top, left, nh, nw)))
+        insides.append(canvases[-1][0].view(height, width * 3)[top:top + nh, 3 * left:3 * (left + nw)])
+    resize_views(image, sizes, divide=255, outs=insides, names=names)  # into [nh, nw * 3] views
+    for (height, width), (out, (top, left, nh, nw)), inside in zip(views, canvases, insides):
+        # Per-channel constants repeated along a row of pixels: a row-long operand keeps the passes below
+        # vectorized (broadcasting 3 values over each pixel took 8x as long).
+        mean = torch.tensor(cfg.mean, dtype=torch.float32).repeat(width)  # [width * 3]
+        std = torch.tensor(cfg.std, dtype=torch.float32).repeat(width)
+        pad = (torch.zeros_like(mean) - mean).div_(std)  # a row of padding pixels (0) normalised like the image
+        rows = out.view(height, width * 3)
+        rows[:top] = pad
+        rows[top + nh:] = pad
+        rows[top:top + nh, :3 * left] = pad[:3 * left]
+        rows[top:top + nh, 3 * (left + nw):] = pad[3 * (left + nw):]
+        inside.clamp_(0, 1).sub_(mean[:3 * nw]).div_(std[:3 * nw])
+    return canvases
 
 
 def real_fraction(rows: int, cols: int, stride: int, place: tuple[int, int, int, int], cfg: ImageConfig) -> torch.Tensor:
@@ -186,12 +189,8 @@ def tile_image(image: np.ndarray, cfg: ImageConfig, ids: dict[str, int]) -> Imag
     g2 = (cfg.crop_size // P) ** 2
     patches = torch.empty(1 + rows * cols, g2, P * P * 3)  # global view first, then the crops
     views = ((cfg.crop_size, cfg.crop_size), (rows * window_px + margin_px, cols * window_px + margin_px))
-    divide = 255
-    if not all(banded(*src.shape[:2], *fit(*src.shape[:2], *v)) for v in views):  # torch's kernel reads float:
-        src, divide = scratch("unit", src.shape).copy_(src).div_(255), 1  # convert once for both views
-    glob, _ = resize_and_pad(src, *views[0], cfg, name="global", divide=divide)
+    (glob, _), (big, place) = resize_and_pad(src, views, cfg, ["global", "tiled"])
     crops_to_patches(glob, 1, 1, 0, cfg, out=patches[:1])
-    big, place = resize_and_pad(src, *views[1], cfg, divide=divide)
     crops_to_patches(big, rows, cols, window_px, cfg, out=patches[1:])
     crop_masks = real_fraction(rows, cols, window_px, place, cfg)  # [n, patches]
     masks = torch.cat([crop_masks, torch.full_like(crop_masks[:1], -1)])  # the reference's shift

@@ -60,11 +60,30 @@ def test_resize_of_a_float_image_matches_the_uint8_one(dst, monkeypatch):
 
 def test_resizes_of_one_size_share_their_weights_and_give_the_same_pixels(monkeypatch):
     monkeypatch.setattr(resize, "SHRINK", 1.0)  # the banded products, whose weights are cached
-    resize.aa_weights.cache_clear()
+    resize.row_slabs.cache_clear()
     resize.pixel_weights.cache_clear()
     image = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (200, 300, 3), dtype=np.uint8))
     first = resize_aa(image, 60, 80, divide=255).clone()
     again = resize_aa(image, 60, 80, divide=255)
-    assert resize.pixel_weights.cache_info().hits == 1 and resize.aa_weights.cache_info().hits == 1
+    assert resize.pixel_weights.cache_info().hits == 1 and resize.row_slabs.cache_info().hits == 1
     assert torch.equal(first, again)
     assert (again.view(60, 80, 3) - torch_resize(image, 60, 80)).abs().max() <= 1e-6
+
+
+def test_resize_views_share_one_rows_pass_and_each_equals_torch(monkeypatch):
+    monkeypatch.setattr(resize, "SHRINK", 2.5)  # two banded views (3x, 8x) and one for torch's kernel (1.2x)
+    image = torch.from_numpy(np.random.default_rng(4).integers(0, 256, (400, 300, 3), dtype=np.uint8))
+    sizes = [(133, 100), (50, 37), (333, 250)]
+    outs = resize.resize_views(image, sizes, divide=255)
+    for (height, width), got in zip(sizes, outs):
+        assert (got.view(height, width, 3) - torch_resize(image, height, width)).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("slab_rows", [1, 7, 1000], ids=["one row", "fewer rows than a filter", "all rows"])
+def test_row_slabs_of_any_height_give_torchs_pixels(slab_rows, monkeypatch):
+    monkeypatch.setattr(resize, "SHRINK", 1.0)
+    monkeypatch.setattr(resize, "SLAB_BYTES", slab_rows * 4 * 90 * 3)  # rows of 90 pixels
+    image = torch.from_numpy(np.random.default_rng(5).integers(0, 256, (300, 90, 3), dtype=np.uint8))
+    sizes = [(100, 45), (21, 30)]  # filters of 7 and 31 rows
+    for (height, width), got in zip(sizes, resize.resize_views(image, sizes, divide=255)):
+        assert (got.view(height, width, 3) - torch_resize(image, height, width)).abs().max() <= 1e-6
