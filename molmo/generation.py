@@ -1,9 +1,8 @@
 """Generation: one prefill, then decoding against a static KV cache; greedy or sampled; streaming.
 
-The core, for any model with Molmo's parts (`llm`, `embed`, `precision`, `mode`):
-- `prefill`: the prompt through the decoder, writing the cache; the logits of each row's last token.
-- `decode_one`: one token per row against the cache; the unit that is compiled or captured as a CUDA graph.
-- `token_steps`: the loop, yielding each step's tokens.
+The core, for any model with Molmo's parts (`llm`, `embed`, `precision`, `mode`): `token_steps`,
+the loop, yielding each step's tokens from `molmo.decoding`'s steps (`prefill`, then `decode_one`,
+compiled or captured as a CUDA graph where that pays).
 Around it: `Sampler`, stop strings and streaming (`_Rows`), timings (`generate`).
 
 One model generates one call at a time (its KV cache lives on its modules): concurrent calls on
@@ -12,18 +11,18 @@ the same model from several threads wait for each other.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import threading
 import time
-import warnings
 import weakref
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import torch
 
-from .llm import positions_and_mask, prompt_mask
+from . import decoding
+from .decoding import compiles, decode_one, prefill
+from .llm import positions_and_mask
 
 EOS_ID = 151643  # <|endoftext|> in the Qwen2 vocabulary
 CACHE_STEP = 256  # with compile: cache sizes in steps of this many columns, so similar prompts share a graph
@@ -127,101 +126,6 @@ def check_context(config, prompt_tokens: int, max_new_tokens: int) -> None:
                          f"the context of {limit} tokens")
 
 
-def prefill(model, inp: dict, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The prompt inp["input_ids"] [B, L] (with its images) through the decoder, filling cache
-    columns 0..L-1 -> fp32 logits [B, V] at each row's last real token."""
-    ids = inp["input_ids"]
-    B, L = ids.shape
-    llm = model.llm
-    with model.precision():
-        x = model.embed(ids, inp.get("images"), inp.get("image_masks"), inp.get("image_input_idx"))
-        h = llm(x, positions, prompt_mask(ids, mask), torch.arange(L, device=ids.device))  # [B, L, hidden]
-        last = h[torch.arange(B, device=ids.device), (ids != -1).sum(1) - 1]  # [B, hidden]
-        return llm.logits(last[:, None])[:, 0].float()
-
-
-def decode_one(model, tok: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, slot: torch.Tensor,
-               run_block=None, head=None) -> torch.Tensor:
-    """Tokens [B] at positions pos [B, 1], written to cache column slot [1] -> fp32 logits [B, V].
-    Fixed shapes and tensor indices only: compilable, capturable as a CUDA graph. `run_block` and
-    `head(llm, h)` replace the blocks' and the head's eager calls (compiled block by block on CPU)."""
-    llm = model.llm
-    with model.precision():
-        h = llm(llm.embed(tok[:, None]), pos, mask.index_select(2, slot), slot, run_block=run_block)
-        return (head or last_logits)(llm, h)
-
-
-def last_logits(llm, h: torch.Tensor) -> torch.Tensor:
-    """Hidden states [B, 1, hidden] -> fp32 logits [B, V]."""
-    return llm.logits(h)[:, 0].float()
-
-
-def run_block(block, *args):
-    return block(*args)
-
-
-COMPILED_VARIANTS = 64  # compiled steps kept (batch size x cache size x dtype x device), dynamo's default is 8
-AUTO_COMPILE_BYTES = 100e9  # compile=None: CPU batch-1 decoding compiles when it reads this many weight bytes
-
-
-def _compiled(fn):
-    """fn compiled as one graph. Raises dynamo's process-wide recompile limit to COMPILED_VARIANTS once
-    (a per-call `config.patch` cost ~50 us a call, ~1.5 ms a CPU step of 25 calls)."""
-    config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, COMPILED_VARIANTS)
-    return torch.compile(fn, fullgraph=True)
-
-
-@functools.cache
-def compiled_decode_one(device_type: str):
-    """decode_one compiled. On CUDA the whole step is one graph. On CPU each block and the head are
-    compiled on their own ("regional" compilation): every block runs the same compiled code, so it
-    compiles one block, not the whole stack (mid model, 2 cores: ~5 s with inductor's disk cache, ~15 s
-    without, against ~15 s and ~45 s for the whole step), and decodes as fast."""
-    if device_type == "cuda":
-        return _compiled(decode_one)
-    return functools.partial(decode_one, run_block=_compiled(run_block), head=_compiled(last_logits))
-
-
-def compiles(model, cfg: GenerationConfig, batch: int) -> bool:
-    """Whether decoding compiles its step: cfg.compile when set. Automatically (None), on CPU at batch 1
-    (more rows decode faster with oneDNN's packed products) without tensor parallelism, once the
-    weights the decoder reads over all new tokens reach AUTO_COMPILE_BYTES (compiling costs ~5-15 s
-    once per process and cache size; the compiled step then takes about two thirds of the eager
-    step's time per token); always once this model compiled its step, never once compiling failed."""
-    if cfg.compile is not None:
-        return cfg.compile
-    if model.device.type != "cpu" or batch != 1 or getattr(model, "split", None) is not None:
-        return False
-    if getattr(model, "compiled_decoding", None) is not None:  # set by an automatic choice before
-        return model.compiled_decoding
-    linears = [m for m in model.llm.modules() if hasattr(m, "in_features") and hasattr(m, "out_features")]
-    weight_bytes = sum(m.in_features * m.out_features for m in linears) * model.dtype.itemsize
-    return weight_bytes * (cfg.max_new_tokens - 1) >= AUTO_COMPILE_BYTES
-
-
-def _eager_if_compiling_fails(compiled):
-    """compiled, except that when its first call fails (no C++ compiler, a backend error) decoding goes
-    on eagerly with a warning: for the automatic choice, which must never cost a result."""
-    fn = None
-
-    def run(*args):
-        nonlocal fn
-        if fn is not None:
-            return fn(*args)
-        try:
-            out = compiled(*args)  # a failed compilation runs nothing; a rerun rewrites the same column
-        except Exception as e:  # noqa: BLE001 - any backend failure
-            warnings.warn(f"decoding eagerly: compiling the decode step failed: {str(e).splitlines()[0]}")
-            fn = decode_one
-            out = fn(*args)
-        else:
-            fn = compiled
-        args[0].compiled_decoding = fn is compiled  # the model: later automatic calls follow, no retries
-        return out
-    return run
-
-
 @torch.no_grad()  # not inference_mode: under it autocast would re-cast every weight at every step
 def token_steps(model, batch: dict, cfg: GenerationConfig) -> Iterator[torch.Tensor]:
     """Yield the next token of every row [B] (on the model's device), step after step, up to
@@ -249,9 +153,9 @@ def token_steps(model, batch: dict, cfg: GenerationConfig) -> Iterator[torch.Ten
         slot = torch.tensor([L], device=ids.device)  # the cache column the next token is written to
         one = decode_one
         if compiled:
-            one = compiled_decode_one(ids.device.type)
+            one = decoding.compiled_decode_one(ids.device.type)
             if cfg.compile is None:
-                one = _eager_if_compiling_fails(one)
+                one = decoding.eager_if_compiling_fails(one)
 
         def step(tok):
             logits = one(model, tok, pos, mask, slot)
@@ -266,7 +170,7 @@ def token_steps(model, batch: dict, cfg: GenerationConfig) -> Iterator[torch.Ten
             if n == cfg.max_new_tokens - 1:
                 break
             if n == 0 and graph:
-                step = _cuda_graph(step, tok) or step  # after the first token: not in its latency
+                step = decoding.cuda_graph(step, tok) or step  # after the first token: not in its latency
             tok = step(tok)
             pos += 1
             slot += 1
@@ -319,30 +223,6 @@ def _autocast_weights_kept():
     finally:
         if torch.autocast_decrement_nesting() == 0:
             torch.clear_autocast_cache()
-
-
-def _cuda_graph(step, tok):
-    """Capture one decode step as a CUDA graph: a step becomes a single launch instead of hundreds.
-    The warm-up writes the next cache column, which the first real step then overwrites."""
-    static_tok = tok.clone()
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step(static_tok)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_next = step(static_tok)
-    except RuntimeError as e:  # an op that cannot be captured: decode eagerly
-        warnings.warn(f"decoding without a CUDA graph, capture failed: {str(e).splitlines()[0]}")
-        return None
-
-    def replay(tok):
-        static_tok.copy_(tok)
-        graph.replay()
-        return static_next.clone()
-    return replay
 
 
 # ---- stopping, streaming, timing --------------------------------------------------------------

@@ -260,7 +260,8 @@ def _decode_bench(model, inputs, n_new: int, device, compile: bool | None = None
     """Timings of one generation after a warm-up run of the same length (which compiles the step when
     compile is True, or None and generation chooses to: the same cache size, so the timed run reuses it);
     plus "compiled" (the step the timed run took) and "warmup_s" (that first run, compilation included)."""
-    from molmo.generation import GenerationConfig, compiles, generate
+    from molmo.decoding import compiles
+    from molmo.generation import GenerationConfig, generate
 
     cfg = GenerationConfig(max_new_tokens=n_new, stop_on_eos=False, compile=compile)
     t = time.perf_counter()

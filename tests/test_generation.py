@@ -214,10 +214,10 @@ def test_compiled_decode_step_gives_the_eager_tokens_and_compiles_one_block_for_
 
 @pytest.mark.slow
 def test_compiled_functions_keep_more_variants_than_dynamos_default_of_eight():
-    import molmo.generation as generation
+    import molmo.decoding as decoding
 
     torch._dynamo.reset()
-    add = generation._compiled(lambda x: x + 1)
+    add = decoding._compiled(lambda x: x + 1)
     dtypes = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.int16,
               torch.int8, torch.uint8, torch.complex64)  # a graph each (fullgraph: past the limit dynamo raises)
     for dtype in dtypes:
@@ -225,23 +225,23 @@ def test_compiled_functions_keep_more_variants_than_dynamos_default_of_eight():
 
 
 def test_automatic_compile_takes_cpu_batch_one_answers_long_enough_or_after_a_compiled_one(tiny, monkeypatch):
-    import molmo.generation as generation
+    import molmo.decoding as decoding
 
     monkeypatch.setattr(tiny, "compiled_decoding", None, raising=False)
     # (from the layers' sizes: an earlier generation may have packed the weights, leaving them empty)
     linear_bytes = sum(m.in_features * m.out_features * 4 for m in tiny.llm.modules() if isinstance(m, torch.nn.Linear))
-    monkeypatch.setattr(generation, "AUTO_COMPILE_BYTES", linear_bytes * 9)  # 10 new tokens and more
+    monkeypatch.setattr(decoding, "AUTO_COMPILE_BYTES", linear_bytes * 9)  # 10 new tokens and more
     cfg = GenerationConfig  # compile=None by default
     assert cfg().compile is None
-    assert generation.compiles(tiny, cfg(max_new_tokens=10), 1)
-    assert not generation.compiles(tiny, cfg(max_new_tokens=9), 1)
-    assert not generation.compiles(tiny, cfg(max_new_tokens=100), 2)  # more rows: eager packed products
-    assert generation.compiles(tiny, cfg(max_new_tokens=2, compile=True), 2)  # an explicit choice wins
-    assert not generation.compiles(tiny, cfg(max_new_tokens=100, compile=False), 1)
+    assert decoding.compiles(tiny, cfg(max_new_tokens=10), 1)
+    assert not decoding.compiles(tiny, cfg(max_new_tokens=9), 1)
+    assert not decoding.compiles(tiny, cfg(max_new_tokens=100), 2)  # more rows: eager packed products
+    assert decoding.compiles(tiny, cfg(max_new_tokens=2, compile=True), 2)  # an explicit choice wins
+    assert not decoding.compiles(tiny, cfg(max_new_tokens=100, compile=False), 1)
 
     used = []  # the compiled step, recorded instead of compiled (test_compiled_decode_step... compiles it)
-    monkeypatch.setattr(generation, "compiled_decode_one",
-                        lambda device: lambda *a: used.append(device) or generation.decode_one(*a))
+    monkeypatch.setattr(decoding, "compiled_decode_one",
+                        lambda device: lambda *a: used.append(device) or decoding.decode_one(*a))
     ex = _example(5)
     eager = generate(tiny, ex, max_new_tokens=10, stop_on_eos=False, compile=False).tokens
     assert torch.equal(generate(tiny, ex, max_new_tokens=10, stop_on_eos=False).tokens, eager)
@@ -251,14 +251,14 @@ def test_automatic_compile_takes_cpu_batch_one_answers_long_enough_or_after_a_co
 
 
 def test_automatic_compile_decodes_eagerly_with_one_warning_when_compiling_fails(tiny, monkeypatch):
-    import molmo.generation as generation
+    import molmo.decoding as decoding
 
     def no_compiler(*args):
         raise RuntimeError("InductorError: no C++ compiler found\n(details)")
 
     monkeypatch.setattr(tiny, "compiled_decoding", None, raising=False)
-    monkeypatch.setattr(generation, "AUTO_COMPILE_BYTES", 0)
-    monkeypatch.setattr(generation, "compiled_decode_one", lambda device: no_compiler)
+    monkeypatch.setattr(decoding, "AUTO_COMPILE_BYTES", 0)
+    monkeypatch.setattr(decoding, "compiled_decode_one", lambda device: no_compiler)
     ex = _example(6)
     eager = generate(tiny, ex, max_new_tokens=6, stop_on_eos=False, compile=False).tokens
     with pytest.warns(UserWarning, match="decoding eagerly: compiling the decode step failed: InductorError"):
