@@ -45,6 +45,16 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # A tiny model whose vocabulary is the real tokenizer's, so text round-trips.
+def example_inputs(seed=0, L=40, crops=2) -> dict:
+    """A random prompt of L ids with `crops` random crops for the tiny models (ids below 512)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 512, (L,), generator=g)
+    idx = torch.full((crops, 144), -100)
+    idx[:, :10] = torch.randperm(L - 2, generator=g)[: crops * 10].view(crops, 10) + 1
+    return {"input_ids": ids, "images": torch.randn(crops, 576, 588, generator=g),
+            "image_masks": torch.rand(crops, 576, generator=g), "image_input_idx": idx}
+
+
 TOKENIZER_TINY = MolmoConfig(
     vision=VisionConfig(width=32, heads=2, kv_heads=2, head_dim=16, layers=10, mlp_dim=64),
     llm=LLMConfig(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, vocab=152064),

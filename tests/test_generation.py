@@ -1,6 +1,4 @@
 """Generation: cache vs recomputation, batching, sampling, stop strings, streaming, limits."""
-import warnings
-
 import pytest
 import torch
 
@@ -8,7 +6,7 @@ from molmo import Molmo
 from molmo.generation import GenerationConfig, generate, generate_from_batch, sampling_probs, stream
 from molmo.preprocess import MolmoProcessor, Tokenizer
 
-from conftest import TOKENIZER
+from conftest import TOKENIZER, example_inputs
 
 
 @pytest.fixture(scope="module")
@@ -26,15 +24,6 @@ def tok():
     return Tokenizer(TOKENIZER)
 
 
-def _example(seed=0, L=40, crops=2):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 512, (L,), generator=g)
-    idx = torch.full((crops, 144), -100)
-    idx[:, :10] = torch.randperm(L - 2, generator=g)[: crops * 10].view(crops, 10) + 1
-    return {"input_ids": ids, "images": torch.randn(crops, 576, 588, generator=g),
-            "image_masks": torch.rand(crops, 576, generator=g), "image_input_idx": idx}
-
-
 def _greedy_by_recomputation(model, ex, n):
     ids = ex["input_ids"][None]
     out = []
@@ -48,13 +37,13 @@ def _greedy_by_recomputation(model, ex, n):
 
 
 def test_cached_greedy_equals_full_recomputation_fp32(tiny):
-    ex = _example()
+    ex = example_inputs()
     got = generate(tiny, ex, max_new_tokens=12, stop_on_eos=False)
     assert got.tokens[0].tolist() == _greedy_by_recomputation(tiny, ex, 12)
 
 
 def test_batched_greedy_equals_each_row_alone(tiny):
-    exs = [_example(0, 40, 2), _example(1, 25, 1), _example(2, 33, 3)]
+    exs = [example_inputs(0, 40, 2), example_inputs(1, 25, 1), example_inputs(2, 33, 3)]
     batch = MolmoProcessor.collate(exs)
     together = generate(tiny, batch, max_new_tokens=10, stop_on_eos=False).tokens
     for b, ex in enumerate(exs):
@@ -63,7 +52,7 @@ def test_batched_greedy_equals_each_row_alone(tiny):
 
 
 def test_generate_from_batch_returns_prompt_then_new_tokens(tiny):
-    ex = _example()
+    ex = example_inputs()
     out = tiny.generate_from_batch({k: v[None] for k, v in ex.items()}, GenerationConfig(max_new_tokens=5,
                                                                                         stop_on_eos=False))
     assert out.shape == (1, 45) and torch.equal(out[0, :40], ex["input_ids"])
@@ -72,7 +61,7 @@ def test_generate_from_batch_returns_prompt_then_new_tokens(tiny):
 def test_transformers_style_generation_config_is_accepted(tiny):
     class HFConfig:  # the attributes of transformers.GenerationConfig that matter
         max_new_tokens, do_sample, temperature, top_k, top_p, stop_strings = 4, False, 1.5, 50, 1.0, None
-    ex = _example()
+    ex = example_inputs()
     greedy = generate(tiny, ex, max_new_tokens=4).tokens
     out = generate_from_batch(tiny, ex, HFConfig())  # do_sample False: greedy, sampling fields ignored
     assert out.shape == (1, 40 + greedy.shape[1]) and torch.equal(out[0, 40:], greedy[0])
@@ -82,7 +71,7 @@ def test_transformers_style_generation_config_is_accepted(tiny):
 
 
 def test_seeded_sampling_is_reproducible_and_seeds_differ(tiny):
-    ex = _example()
+    ex = example_inputs()
     kw = dict(max_new_tokens=16, temperature=1.5, top_k=100, stop_on_eos=False)
     a = generate(tiny, ex, seed=7, **kw).tokens
     b = generate(tiny, ex, seed=7, **kw).tokens
@@ -118,12 +107,12 @@ def test_sampled_frequencies_follow_the_filtered_distribution(tiny):
     assert freq[2] == 0 and torch.allclose(freq, probs[0], atol=0.02)
 
 
-def _text_example(tok, text="Describe"):
+def _textexample_inputs(tok, text="Describe"):
     return {"input_ids": torch.tensor([tok.bos_id] + tok.encode(f" User: {text} Assistant:"))}
 
 
 def test_stop_string_split_across_tokens_is_caught(text_model, tok):
-    ex = _text_example(tok)
+    ex = _textexample_inputs(tok)
     free = generate(text_model, ex, tokenizer=tok, max_new_tokens=30, stop_on_eos=False)
     text = free.texts[0]
     # Pick a stop string straddling a token boundary: the end of token 3 and the start of token 4.
@@ -137,14 +126,14 @@ def test_stop_string_split_across_tokens_is_caught(text_model, tok):
 
 
 def test_streaming_yields_the_same_text_in_pieces(text_model, tok):
-    ex = _text_example(tok, "Hello there")
+    ex = _textexample_inputs(tok, "Hello there")
     full = generate(text_model, ex, tokenizer=tok, max_new_tokens=20).texts[0]
     pieces = list(stream(text_model, ex, tok, max_new_tokens=20))
     assert len(pieces) > 1 and "".join(pieces) == full
 
 
 def test_eos_stops_a_row_and_pads_it_with_eos(tiny):
-    ex = _example()
+    ex = example_inputs()
     free = generate(tiny, ex, max_new_tokens=8, stop_on_eos=False).tokens[0]
     eos = int(free[2])  # pretend the third token is EOS
     got = generate(tiny, ex, max_new_tokens=8, eos_token_id=eos)
@@ -160,7 +149,7 @@ def test_prompt_past_the_context_is_an_error_before_compute(tiny):
 
 @pytest.mark.parametrize("mode", ["autocast", "bf16"])
 def test_low_precision_modes_generate_and_keep_the_first_token(tiny_dir, mode):
-    ex = _example()
+    ex = example_inputs()
     ref = generate(Molmo.from_pretrained(tiny_dir, device="cpu"), ex, max_new_tokens=4, stop_on_eos=False)
     model = Molmo.from_pretrained(tiny_dir, dtype=mode, device="cpu")
     out = generate(model, ex, max_new_tokens=4, stop_on_eos=False)
@@ -171,7 +160,7 @@ def test_low_precision_modes_generate_and_keep_the_first_token(tiny_dir, mode):
 def test_autocast_does_not_leak_out_of_the_step_iterator(tiny_dir):
     from molmo.generation import token_steps
     model = Molmo.from_pretrained(tiny_dir, dtype="autocast", device="cpu")
-    steps = token_steps(model, _example(), GenerationConfig(max_new_tokens=3))
+    steps = token_steps(model, example_inputs(), GenerationConfig(max_new_tokens=3))
     next(steps)
     assert not torch.is_autocast_enabled("cpu")
     steps.close()
@@ -198,91 +187,18 @@ def test_readme_quick_start_and_ask_helper(text_model_dir):
     assert text == ask(model, processor, "Describe this image.", images=[img], max_new_tokens=8)
 
 
-@pytest.mark.slow
-def test_compiled_decode_step_gives_the_eager_tokens_and_compiles_one_block_for_all(tiny):
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()  # reset() keeps the counts of compilations in earlier tests
-    assert len(tiny.llm.blocks) > 1
-    exs = [_example(3, 40, 2), _example(4, 52, 1)]  # both fit one 256-column cache: one compilation
-    for ex in exs:
-        eager = generate(tiny, ex, max_new_tokens=8, stop_on_eos=False, compile=False).tokens
-        compiled = generate(tiny, ex, max_new_tokens=8, stop_on_eos=False, compile=True).tokens
-        assert torch.equal(compiled, eager)
-    counters = torch._dynamo.utils.counters
-    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # one block's graph, the head's
-
-
-@pytest.mark.slow
-def test_compiled_functions_keep_more_variants_than_dynamos_default_of_eight():
-    import molmo.decoding as decoding
-
-    torch._dynamo.reset()
-    add = decoding._compiled(lambda x: x + 1)
-    dtypes = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.int16,
-              torch.int8, torch.uint8, torch.complex64)  # a graph each (fullgraph: past the limit dynamo raises)
-    for dtype in dtypes:
-        assert torch.equal(add(torch.zeros(3, dtype=dtype)), torch.ones(3, dtype=dtype))
-
-
-def test_automatic_compile_takes_cpu_batch_one_answers_long_enough_or_after_a_compiled_one(tiny, monkeypatch):
-    import molmo.decoding as decoding
-
-    monkeypatch.setattr(tiny, "compiled_decoding", None, raising=False)
-    # (from the layers' sizes: an earlier generation may have packed the weights, leaving them empty)
-    linear_bytes = sum(m.in_features * m.out_features * 4 for m in tiny.llm.modules() if isinstance(m, torch.nn.Linear))
-    monkeypatch.setattr(decoding, "AUTO_COMPILE_BYTES", linear_bytes * 9)  # 10 new tokens and more
-    cfg = GenerationConfig  # compile=None by default
-    assert cfg().compile is None
-    assert decoding.compiles(tiny, cfg(max_new_tokens=10), 1)
-    assert not decoding.compiles(tiny, cfg(max_new_tokens=9), 1)
-    assert not decoding.compiles(tiny, cfg(max_new_tokens=100), 2)  # more rows: eager packed products
-    assert decoding.compiles(tiny, cfg(max_new_tokens=2, compile=True), 2)  # an explicit choice wins
-    assert not decoding.compiles(tiny, cfg(max_new_tokens=100, compile=False), 1)
-
-    used = []  # the compiled step, recorded instead of compiled (test_compiled_decode_step... compiles it)
-    monkeypatch.setattr(decoding, "compiled_decode_one",
-                        lambda device: lambda *a: used.append(device) or decoding.decode_one(*a))
-    ex = _example(5)
-    eager = generate(tiny, ex, max_new_tokens=10, stop_on_eos=False, compile=False).tokens
-    assert torch.equal(generate(tiny, ex, max_new_tokens=10, stop_on_eos=False).tokens, eager)
-    assert used == ["cpu"] * 9 and tiny.compiled_decoding
-    generate(tiny, ex, max_new_tokens=3, stop_on_eos=False)  # short, but the model compiled before
-    assert len(used) == 11
-
-
-def test_automatic_compile_decodes_eagerly_with_one_warning_when_compiling_fails(tiny, monkeypatch):
-    import molmo.decoding as decoding
-
-    def no_compiler(*args):
-        raise RuntimeError("InductorError: no C++ compiler found\n(details)")
-
-    monkeypatch.setattr(tiny, "compiled_decoding", None, raising=False)
-    monkeypatch.setattr(decoding, "AUTO_COMPILE_BYTES", 0)
-    monkeypatch.setattr(decoding, "compiled_decode_one", lambda device: no_compiler)
-    ex = _example(6)
-    eager = generate(tiny, ex, max_new_tokens=6, stop_on_eos=False, compile=False).tokens
-    with pytest.warns(UserWarning, match="decoding eagerly: compiling the decode step failed: InductorError"):
-        auto = generate(tiny, ex, max_new_tokens=6, stop_on_eos=False).tokens
-    assert torch.equal(auto, eager) and tiny.compiled_decoding is False
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no second attempt, no second warning
-        assert torch.equal(generate(tiny, ex, max_new_tokens=6, stop_on_eos=False).tokens, eager)
-    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):  # asked for explicitly: the error
-        generate(tiny, ex, max_new_tokens=6, stop_on_eos=False, compile=True)
-
-
 def test_timings_give_first_token_latency_and_the_steady_rate_after_set_up(tiny):
-    t = generate(tiny, _example(), max_new_tokens=12, stop_on_eos=False).timings
+    t = generate(tiny, example_inputs(), max_new_tokens=12, stop_on_eos=False).timings
     assert t["prefill_s"] > 0 and t["tokens_per_s"] == pytest.approx(11 / t["decode_s"])
     assert t["steady_tokens_per_s"] > 0  # measured from the sync at step 8 to the end
-    short = generate(tiny, _example(), max_new_tokens=5, stop_on_eos=False).timings
+    short = generate(tiny, example_inputs(), max_new_tokens=5, stop_on_eos=False).timings
     assert "steady_tokens_per_s" not in short  # no sync between the first step and the end
 
 
 def test_threads_sharing_one_model_each_get_their_solo_result(tiny):
     import threading
 
-    exs = [_example(s, 30 + 5 * s, 1 + s % 2) for s in range(4)]
+    exs = [example_inputs(s, 30 + 5 * s, 1 + s % 2) for s in range(4)]
     solo = [generate(tiny, ex, max_new_tokens=6, stop_on_eos=False).tokens for ex in exs]
     got = [None] * 4
 
@@ -299,7 +215,7 @@ def test_threads_sharing_one_model_each_get_their_solo_result(tiny):
 
 
 def test_unseeded_sampling_draws_from_torch_global_generator_without_reseeding_it(tiny):
-    ex = _example()
+    ex = example_inputs()
     kw = dict(max_new_tokens=8, temperature=1.5, stop_on_eos=False)
     torch.manual_seed(123)
     a = generate(tiny, ex, **kw).tokens
@@ -328,7 +244,7 @@ def test_bad_generation_settings_get_one_clear_error(kw, message):
 
 def test_no_stop_strings_and_the_largest_seed_are_accepted(tiny):
     assert GenerationConfig(stop_strings=None).stop_strings == ()
-    out = generate(tiny, _example(), max_new_tokens=3, temperature=1.0, seed=2**64 - 1, stop_on_eos=False)
+    out = generate(tiny, example_inputs(), max_new_tokens=3, temperature=1.0, seed=2**64 - 1, stop_on_eos=False)
     assert out.tokens.shape == (1, 3)
 
 
@@ -338,7 +254,7 @@ def test_non_finite_logits_stop_generation_naming_the_step(tiny_dir, temperature
     with torch.no_grad():
         model.llm.blocks[0].mlp.down.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite logits \\(NaN or Inf\\) at new token 1"):
-        generate(model, _example(), max_new_tokens=12, temperature=temperature)
+        generate(model, example_inputs(), max_new_tokens=12, temperature=temperature)
 
 
 def test_generation_packs_the_decoder_weights_once_and_keeps_its_tokens(tiny_dir):
@@ -348,7 +264,7 @@ def test_generation_packs_the_decoder_weights_once_and_keeps_its_tokens(tiny_dir
 
     model = Molmo.from_pretrained(tiny_dir, device="cpu")
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    ex = _example(3)
+    ex = example_inputs(3)
     plain = _greedy_by_recomputation(model, ex, 10)  # forward calls: plain weights
     got = generate(model, ex, max_new_tokens=10, stop_on_eos=False)
     linears = [m for m in model.llm.modules() if isinstance(m, Linear)]

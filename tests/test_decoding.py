@@ -1,0 +1,84 @@
+"""The decode step: compiled (block by block on CPU) against eager, the automatic choice to compile,
+and decoding on eagerly when compiling fails."""
+import warnings
+
+import pytest
+import torch
+
+import molmo.decoding as decoding
+from molmo import Molmo
+from molmo.generation import GenerationConfig, generate
+
+from conftest import example_inputs
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return Molmo.from_pretrained(tiny_dir, device="cpu")
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_eager_tokens_and_compiles_one_block_for_all(tiny):
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # reset() keeps the counts of compilations in earlier tests
+    assert len(tiny.llm.blocks) > 1
+    exs = [example_inputs(3, 40, 2), example_inputs(4, 52, 1)]  # both fit one 256-column cache: one compilation
+    for ex in exs:
+        eager = generate(tiny, ex, max_new_tokens=8, stop_on_eos=False, compile=False).tokens
+        compiled = generate(tiny, ex, max_new_tokens=8, stop_on_eos=False, compile=True).tokens
+        assert torch.equal(compiled, eager)
+    counters = torch._dynamo.utils.counters
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # one block's graph, the head's
+
+
+@pytest.mark.slow
+def test_compiled_functions_keep_more_variants_than_dynamos_default_of_eight():
+    torch._dynamo.reset()
+    add = decoding._compiled(lambda x: x + 1)
+    dtypes = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.int16,
+              torch.int8, torch.uint8, torch.complex64)  # a graph each (fullgraph: past the limit dynamo raises)
+    for dtype in dtypes:
+        assert torch.equal(add(torch.zeros(3, dtype=dtype)), torch.ones(3, dtype=dtype))
+
+
+def test_automatic_compile_takes_cpu_batch_one_answers_long_enough_or_after_a_compiled_one(tiny, monkeypatch):
+    monkeypatch.setattr(tiny, "compiled_decoding", None, raising=False)
+    # (from the layers' sizes: an earlier generation may have packed the weights, leaving them empty)
+    linear_bytes = sum(m.in_features * m.out_features * 4 for m in tiny.llm.modules() if isinstance(m, torch.nn.Linear))
+    monkeypatch.setattr(decoding, "AUTO_COMPILE_BYTES", linear_bytes * 9)  # 10 new tokens and more
+    cfg = GenerationConfig  # compile=None by default
+    assert cfg().compile is None
+    assert decoding.compiles(tiny, cfg(max_new_tokens=10), 1)
+    assert not decoding.compiles(tiny, cfg(max_new_tokens=9), 1)
+    assert not decoding.compiles(tiny, cfg(max_new_tokens=100), 2)  # more rows: eager packed products
+    assert decoding.compiles(tiny, cfg(max_new_tokens=2, compile=True), 2)  # an explicit choice wins
+    assert not decoding.compiles(tiny, cfg(max_new_tokens=100, compile=False), 1)
+
+    used = []  # the compiled step, recorded instead of compiled (test_compiled_decode_step... compiles it)
+    monkeypatch.setattr(decoding, "compiled_decode_one",
+                        lambda device: lambda *a: used.append(device) or decoding.decode_one(*a))
+    ex = example_inputs(5)
+    eager = generate(tiny, ex, max_new_tokens=10, stop_on_eos=False, compile=False).tokens
+    assert torch.equal(generate(tiny, ex, max_new_tokens=10, stop_on_eos=False).tokens, eager)
+    assert used == ["cpu"] * 9 and tiny.compiled_decoding
+    generate(tiny, ex, max_new_tokens=3, stop_on_eos=False)  # short, but the model compiled before
+    assert len(used) == 11
+
+
+def test_automatic_compile_decodes_eagerly_with_one_warning_when_compiling_fails(tiny, monkeypatch):
+    def no_compiler(*args):
+        raise RuntimeError("InductorError: no C++ compiler found\n(details)")
+
+    monkeypatch.setattr(tiny, "compiled_decoding", None, raising=False)
+    monkeypatch.setattr(decoding, "AUTO_COMPILE_BYTES", 0)
+    monkeypatch.setattr(decoding, "compiled_decode_one", lambda device: no_compiler)
+    ex = example_inputs(6)
+    eager = generate(tiny, ex, max_new_tokens=6, stop_on_eos=False, compile=False).tokens
+    with pytest.warns(UserWarning, match="decoding eagerly: compiling the decode step failed: InductorError"):
+        auto = generate(tiny, ex, max_new_tokens=6, stop_on_eos=False).tokens
+    assert torch.equal(auto, eager) and tiny.compiled_decoding is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second attempt, no second warning
+        assert torch.equal(generate(tiny, ex, max_new_tokens=6, stop_on_eos=False).tokens, eager)
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):  # asked for explicitly: the error
+        generate(tiny, ex, max_new_tokens=6, stop_on_eos=False, compile=True)
