@@ -1,15 +1,15 @@
-"""Antialiased bilinear resizing of uint8 RGB images: torch's
-`F.interpolate(x, size, mode="bilinear", align_corners=False, antialias=True)` on float32 in [0, 1]
-(the reference's resize), within float32 rounding.
+"""Antialiased bilinear resizing of uint8 RGB images: torch's `F.interpolate(x, size, mode="bilinear",
+align_corners=False, antialias=True)` on float32 in [0, 1] (the reference's resize), within float32
+rounding.
 
-Shrinking by SHRINK or more (a photo to the crops' or the global view's size), each axis is a matrix
-product instead: an output row mixes the input rows under its triangle filter, whose width grows with
-the shrink, and torch's kernel slows with it while a product does not. Rows are a sparse product (only
-the filter's taps), over a slab of input rows at a time, so the uint8 image is converted to float in
-pieces that stay in cache, once for all the resizes of one image (`resize_views`: tiling's two views).
-Columns are a banded product, a block of output pixels at a time over just the input pixels it reads.
-Milder shrinks and enlargements keep torch's kernel. Large buffers are reused across calls (fresh large
-allocations cost more in page faults than the arithmetic done in them).
+Shrinking by SHRINK or more (a photo to the crops' or the global view's size; on CPUs with AVX-512 any
+resize), each axis is a matrix product instead: an output row mixes the input rows under its triangle
+filter, whose width grows with the shrink, and torch's kernel slows with it while a product does not.
+Rows are a sparse product (only the filter's taps), over a slab of input rows at a time, so the uint8
+image is converted to float in pieces that stay in cache, once for all the resizes of one image
+(`resize_views`: tiling's two views). Columns are a banded product, a block of output pixels at a time
+over just the input pixels it reads. Other resizes keep torch's kernel. Large buffers are reused across
+calls (fresh large allocations cost more in page faults than the arithmetic done in them).
 """
 from __future__ import annotations
 
@@ -22,11 +22,10 @@ import torch.nn.functional as F
 
 from ..layers import scratch
 
-# From this shrink on the products beat torch's kernel, on 2 cores: with AVX-512 from any shrink
-# (1920x1080 tiled, a 1.4-1.9x shrink: 24 -> 20 ms for the whole `tile_image`), with AVX2 from 2.5x
-# (2.5x faster at a 3x shrink, 2x at 6x; milder shrinks were slower there). Measured with banded rows,
-# before the sparse ones, which are faster still.
-SHRINK = 1.0 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 2.5
+# From this shrink on the products beat torch's kernel, on 2 cores: with AVX-512 for any resize, enlargements
+# included (`tile_image` of 640x480 8.8 -> 6.4 ms, 800x600 13.8 -> 8.9 ms), with AVX2 from 2.5x (2.5x faster
+# at a 3x shrink, 2x at 6x; milder shrinks were slower there, measured with banded rows before the sparse ones).
+SHRINK = 0.0 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 2.5
 COLUMNS = 16  # output pixels per column product: more read more zero weights, fewer make small products
 SLAB_BYTES = 4 << 20  # float32 input rows converted at a time (at least the widest filter's taps)
 

@@ -14,7 +14,7 @@ def torch_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)[0].permute(1, 2, 0)
 
 
-SIZES = [  # shrinking by SHRINK or more takes the banded products, the rest torch's kernel
+SIZES = [  # shrinking by SHRINK or more takes the products, the rest torch's kernel
     ((3000, 4000), (1000, 1333)),  # photo to the tiled size: shrink by 3
     ((3000, 4000), (252, 336)),  # to the global view: shrink by 12
     ((1080, 1920), (567, 1008)),
@@ -32,7 +32,7 @@ SIZES = [  # shrinking by SHRINK or more takes the banded products, the rest tor
 ]
 
 
-@pytest.mark.parametrize("shrink", [1.0, 2.5], ids=["banded from any shrink (AVX-512)", "from 2.5x (AVX2)"])
+@pytest.mark.parametrize("shrink", [0.0, 2.5], ids=["products for any resize (AVX-512)", "from 2.5x (AVX2)"])
 @pytest.mark.parametrize("src,dst", SIZES, ids=lambda s: "x".join(map(str, s)))
 def test_resize_equals_torch_antialiased_bilinear_within_float32_rounding(src, dst, shrink, monkeypatch):
     monkeypatch.setattr(resize, "SHRINK", shrink)  # each CPU's choice of path, on any CPU
@@ -59,7 +59,7 @@ def test_resize_of_a_float_image_matches_the_uint8_one(dst, monkeypatch):
 
 
 def test_resizes_of_one_size_share_their_weights_and_give_the_same_pixels(monkeypatch):
-    monkeypatch.setattr(resize, "SHRINK", 1.0)  # the banded products, whose weights are cached
+    monkeypatch.setattr(resize, "SHRINK", 1.0)  # the products, whose weights are cached
     resize.row_slabs.cache_clear()
     resize.pixel_weights.cache_clear()
     image = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (200, 300, 3), dtype=np.uint8))
@@ -71,7 +71,7 @@ def test_resizes_of_one_size_share_their_weights_and_give_the_same_pixels(monkey
 
 
 def test_resize_views_share_one_rows_pass_and_each_equals_torch(monkeypatch):
-    monkeypatch.setattr(resize, "SHRINK", 2.5)  # two banded views (3x, 8x) and one for torch's kernel (1.2x)
+    monkeypatch.setattr(resize, "SHRINK", 2.5)  # two views by products (3x, 8x) and one for torch's kernel (1.2x)
     image = torch.from_numpy(np.random.default_rng(4).integers(0, 256, (400, 300, 3), dtype=np.uint8))
     sizes = [(133, 100), (50, 37), (333, 250)]
     outs = resize.resize_views(image, sizes, divide=255)
