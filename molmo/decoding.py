@@ -68,11 +68,12 @@ def compiled_decode_one(device_type: str):
 
 
 def compiles(model, cfg, batch: int) -> bool:
-    """Whether decoding compiles its step for a `GenerationConfig` cfg: cfg.compile when set. Automatically (None), on CPU at batch 1
-    (more rows decode faster with oneDNN's packed products) without tensor parallelism, once the
-    weights the decoder reads over all new tokens reach AUTO_COMPILE_BYTES (compiling costs ~5-15 s
-    once per process and cache size; the compiled step then takes about two thirds of the eager
-    step's time per token); always once this model compiled its step, never once compiling failed."""
+    """Whether decoding compiles its step for a `GenerationConfig` cfg: cfg.compile when set.
+    Automatically (None), on CPU at batch 1 (more rows decode faster with oneDNN's packed products)
+    without tensor parallelism, once the weights the decoder reads over all new tokens reach
+    AUTO_COMPILE_BYTES (compiling costs ~5-15 s once per process and cache size; the compiled step then
+    takes about two thirds of the eager step's time per token); always once this model compiled its
+    step, never once compiling failed."""
     if cfg.compile is not None:
         return cfg.compile
     if model.device.type != "cpu" or batch != 1 or getattr(model, "split", None) is not None:

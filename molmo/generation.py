@@ -21,7 +21,6 @@ from typing import Callable, Iterator
 import torch
 
 from . import decoding
-from .decoding import compiles, decode_one, prefill
 from .llm import positions_and_mask
 
 EOS_ID = 151643  # <|endoftext|> in the Qwen2 vocabulary
@@ -41,7 +40,7 @@ class GenerationConfig:
     stop_on_eos: bool = True
     eos_token_id: int | None = None  # default: the tokenizer's, else 151643
     # torch.compile the decode step (fused kernels; on CPU single-row products that stream the weights);
-    # None: decide per call (`compiles`)
+    # None: decide per call (`molmo.decoding.compiles`)
     compile: bool | None = None
 
     def __post_init__(self):
@@ -136,7 +135,7 @@ def token_steps(model, batch: dict, cfg: GenerationConfig) -> Iterator[torch.Ten
     n_real = (ids != -1).sum(1)
     check_context(model.config, int(n_real.max()), cfg.max_new_tokens)
     S = L + cfg.max_new_tokens
-    compiled = compiles(model, cfg, B)
+    compiled = decoding.compiles(model, cfg, B)
     if compiled:
         S = -(-S // CACHE_STEP) * CACHE_STEP
     positions, mask = positions_and_mask(ids, extra=S - L)  # one mask [B, 1, S, S]; each step takes a row
@@ -146,12 +145,12 @@ def token_steps(model, batch: dict, cfg: GenerationConfig) -> Iterator[torch.Ten
     with _lock(model), _kv_cache(model, B, S), _autocast_weights_kept():
         if hasattr(model, "pack_for_inference"):  # CPU: packed weights; compiling takes plain ones
             model.pack_for_inference(enabled=not compiled)
-        logits = prefill(model, inp, positions, mask)
+        logits = decoding.prefill(model, inp, positions, mask)
         finite[L - 1] = logits.isfinite().all()
         tok = sample(logits)
         pos = n_real[:, None].clone()  # [B, 1]: new tokens continue each row's positions
         slot = torch.tensor([L], device=ids.device)  # the cache column the next token is written to
-        one = decode_one
+        one = decoding.decode_one
         if compiled:
             one = decoding.compiled_decode_one(ids.device.type)
             if cfg.compile is None:

@@ -30,12 +30,11 @@ COLUMNS = 16  # output pixels per column product: more read more zero weights, f
 SLAB_BYTES = 4 << 20  # float32 input rows converted at a time (at least the widest filter's taps)
 
 
-@functools.lru_cache(maxsize=16)  # photos of one size share them (a dataset's camera): ~0.5 ms a view
 def aa_weights(n_in: int, n_out: int, block: int, divide: float = 1.0) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """One axis's weights, `block` outputs at a time: [n_blocks, block, K] float32 (row i of block b
     weighs inputs start_b + k) and each block's input range (start_b, end_b). As torch's CPU kernel
     computes them in float32, step by step (scale, support, centre, first tap, tap count), each row
-    normalised to sum 1, over `divide`. Cached: read them, never write to them."""
+    normalised to sum 1, over `divide`."""
     f32 = np.float32
     scale = f32(n_in) / f32(n_out)
     support = scale if scale >= 1 else f32(1)  # the triangle's half-width, widened when shrinking
@@ -61,7 +60,8 @@ def row_slabs(n_in: int, n_outs: tuple[int, ...], divide: float, slab: int) -> l
     """Rows of several resizes of n_in rows, `slab` input rows at a time: per slab, the input rows it
     converts (lo, hi) and per resize (o0, o1, W) or None: outputs o0:o1 = W @ rows lo:hi, W a sparse
     CSR matrix of the filter taps (`aa_weights`, over `divide`). An output belongs to the slab holding
-    its last tap; a slab also converts the widest filter's rows before its own. Cached like `aa_weights`."""
+    its last tap; a slab also converts the widest filter's rows before its own. Cached per size
+    (photos of one size share them: a dataset's camera): read them, never write to them."""
     taps = [aa_weights(n_in, n, 1, divide) for n in n_outs]  # per output: [n, 1, K] weights and (first, end)
     bounds = [np.array(ranges).reshape(-1, 2) for _, ranges in taps]
     reach = max(int((b[:, 1] - b[:, 0]).max()) for b in bounds)
@@ -102,7 +102,7 @@ def _sparse_rows(src: torch.Tensor, slabs: list, outs: list[torch.Tensor]):
 @functools.lru_cache(maxsize=16)
 def pixel_weights(n_in: int, n_out: int, c: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """`aa_weights` for pixels of c channels, COLUMNS outputs at a time: W kron I_c per block,
-    [n_blocks, K*c, COLUMNS*c], and the blocks' input pixel ranges. Cached like them."""
+    [n_blocks, K*c, COLUMNS*c], and the blocks' input pixel ranges. Cached like `row_slabs`."""
     weights, ranges = aa_weights(n_in, n_out, COLUMNS)
     return torch.einsum("nbk,ij->nkibj", weights, torch.eye(c)).flatten(3).flatten(1, 2), ranges
 
@@ -120,7 +120,7 @@ def _banded_columns(src: torch.Tensor, per_pixel: torch.Tensor, ranges: list[tup
     return out
 
 
-def banded(h: int, w: int, height: int, width: int) -> bool:
+def takes_products(h: int, w: int, height: int, width: int) -> bool:
     """Whether `resize_views` takes the products for this resize (else torch's kernel, on float)."""
     # One column out of several rows: torch's kernel gives every row the first row's value, as in the reference.
     return min(h / height, w / width) >= SHRINK and not (width == 1 and height != h)
@@ -130,12 +130,12 @@ def resize_views(image: torch.Tensor, sizes: list[tuple[int, int]], divide: floa
                  outs: list[torch.Tensor] | None = None, names: list[str] | None = None) -> list[torch.Tensor]:
     """uint8 (or float32) [h, w, C] -> one float32 [height, width * C] per (height, width) in `sizes`,
     over `divide` (255: values in [0, 1]), written into `outs` when given ([height, width * C] views
-    whose rows may be longer). The banded resizes share one pass over the image's rows; intermediates
+    whose rows may be longer). The resizes by products share one pass over the image's rows; intermediates
     live in scratch buffers named after `names`."""
     h, w, c = image.shape
     outs = outs or [torch.empty(height, width * c) for height, width in sizes]
     names = names or [str(i) for i in range(len(sizes))]
-    products = [i for i, size in enumerate(sizes) if banded(h, w, *size)]
+    products = [i for i, size in enumerate(sizes) if takes_products(h, w, *size)]
     if len(products) < len(sizes) and not (image.dtype == torch.float32 and divide == 1):
         image, divide = scratch("unit", (h, w, c)).copy_(image).div_(divide), 1  # torch's kernel reads float
     for i, (height, width) in enumerate(sizes):
