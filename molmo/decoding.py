@@ -1,5 +1,5 @@
 """The decode step: the prompt's pass (`prefill`), one token per row (`decode_one`), and the ways
-`decode_one` runs faster: compiled (on CPU block by block, `compiled_decode_one`; when, `compiles`) or
+`decode_one` runs faster: compiled (`compiled_decode_one`; when, `compiles`) or
 captured as a CUDA graph (`cuda_graph`). Any model with Molmo's parts (`llm`, `embed`, `precision`)."""
 from __future__ import annotations
 
@@ -56,14 +56,26 @@ def _compiled(fn):
     return torch.compile(fn, fullgraph=True)
 
 
+def compiled_decode_one(model):
+    """decode_one compiled for this model: the whole step as one graph. On CPU the blocks are one nested
+    compile region (`torch.compiler.nested_compile_region`): one block is traced and compiled and its
+    code serves every block, so compiling costs about what a graph per block costs (the whole step traced
+    block after block took ~4x as long), and a step is one call of one graph instead of one per block
+    and one for the head (mid model, bf16: 1.11x the tokens/s, `scripts/bench.py --workload steps`).
+    Tensor-parallel models keep a graph per block: their collectives fail to compile in a nested region."""
+    if model.device.type == "cuda":
+        return _compiled_step("whole")
+    if getattr(model, "split", None) is not None:
+        return _compiled_step("blockwise")
+    return _compiled_step("regions")
+
+
 @functools.cache
-def compiled_decode_one(device_type: str):
-    """decode_one compiled. On CUDA the whole step is one graph. On CPU each block and the head are
-    compiled on their own ("regional" compilation): every block runs the same compiled code, so it
-    compiles one block, not the whole stack (mid model, 2 cores: ~5 s with inductor's disk cache, ~15 s
-    without, against ~15 s and ~45 s for the whole step), and decodes as fast."""
-    if device_type == "cuda":
+def _compiled_step(kind: str):
+    if kind == "whole":
         return _compiled(decode_one)
+    if kind == "regions":
+        return _compiled(functools.partial(decode_one, run_block=torch.compiler.nested_compile_region(run_block)))
     return functools.partial(decode_one, run_block=_compiled(run_block), head=_compiled(last_logits))
 
 

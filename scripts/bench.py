@@ -26,6 +26,11 @@
                          and decode tokens/s of each (64 new tokens; --compile: compiled steps);
                          bf16_vs_fp32: the same measures of bf16 against fp32, the scale of rounding
                          errors on this model
+  --workload steps       the mid model's compiled CPU decode step two ways, interleaved in one process
+                         (this VM's speed drifts between runs): one graph with the blocks as a nested
+                         region (the default) against a graph per block; median tokens/s over --repeat
+                         pairs of 128-token answers, the pairs the default won, whether the tokens agree
+                         (--dtype fp32|bf16, --quantize int8|int4)
   --workload full        the full 7B-D with random weights (CUDA): batch-1 decode and time to first
                          token with a 13-crop image (--dtype bf16 by default)
 """
@@ -408,6 +413,42 @@ def bench_quant(a) -> dict:
     return out
 
 
+def bench_steps(a) -> dict:
+    from molmo import decoding
+    from molmo.generation import GenerationConfig, generate
+    from molmo.quant import quantize_model
+    from molmo.testing import random_model
+
+    mode = a.dtype or "bf16"
+    model = random_model(MID, dtype=torch.bfloat16 if mode == "bf16" else torch.float32)
+    model.mode = mode
+    if a.quantize:
+        quantize_model(model, a.quantize)
+    inputs = _image_inputs(480, 640, 1, 12)
+    cfg = GenerationConfig(max_new_tokens=a.new_tokens or 128, stop_on_eos=False, compile=True)
+    kinds = {"regions": decoding.compiled_decode_one(model), "blockwise": decoding._compiled_step("blockwise")}
+    out = {"workload": "steps", "dtype": mode, "quantize": a.quantize, "first_s": {}, "tok_s": {k: [] for k in kinds}}
+    tokens, chosen = {}, decoding.compiled_decode_one
+    try:
+        for rep in range(a.repeat + 1):  # the first round compiles
+            for kind, step in kinds.items():
+                decoding.compiled_decode_one = lambda model, step=step: step
+                t = time.perf_counter()
+                gen = generate(model, inputs, cfg)
+                if rep == 0:
+                    out["first_s"][kind], tokens[kind] = round(time.perf_counter() - t, 1), gen.tokens
+                else:
+                    out["tok_s"][kind].append(round(gen.timings["tokens_per_s"], 2))
+    finally:
+        decoding.compiled_decode_one = chosen
+    r, b = out["tok_s"]["regions"], out["tok_s"]["blockwise"]
+    out["median_tok_s"] = {"regions": statistics.median(r), "blockwise": statistics.median(b)}
+    out["ratio"] = round(statistics.median(r) / statistics.median(b), 3)
+    out["regions_won"] = f"{sum(x > y for x, y in zip(r, b))}/{len(r)}"
+    out["same_tokens"] = bool(torch.equal(tokens["regions"], tokens["blockwise"]))
+    return out
+
+
 def _agreement(logits: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     """[positions, V] against a reference: the last position's relative error, the top-1 agreement."""
     return (round(float((logits[-1] - ref[-1]).norm() / ref[-1].norm()), 4),
@@ -559,7 +600,7 @@ def bench_train(a) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", required=True, choices=["load", "convert", "preprocess", "mid", "full", "train", "batch", "quant"])
+    p.add_argument("--workload", required=True, choices=["load", "convert", "preprocess", "mid", "full", "train", "batch", "quant", "steps"])
     p.add_argument("--dtype", choices=["fp32", "autocast", "bf16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dir", default="/tmp/molmo-bench-7b", help="where the synthetic 7B checkpoint lives")
@@ -574,12 +615,13 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="train: optimizer steps (the first is not timed)")
     p.add_argument("--size", choices=["mid", "full"], default="mid", help="train, batch: the mid model or the full 7B-D")
     p.add_argument("--lora-rank", type=int, default=0, help="train: LoRA adapters of this rank (0: all weights)")
-    p.add_argument("--quantize", choices=["int8", "int4"], help="load: quantize while loading; full: quantize the decoder")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="load: quantize while loading; full, steps: quantize the decoder")
     p.add_argument("--tp", type=int, default=None, help="load: tensor parallelism over this many processes (torchrun)")
     p.add_argument("--reference-code", help="mid: also time the official code (folder of its .py files)")
     a = p.parse_args(argv)
     fn = {"load": bench_load, "convert": bench_convert, "preprocess": bench_preprocess, "mid": bench_mid,
-          "full": bench_full, "train": bench_train, "batch": bench_batch, "quant": bench_quant}[a.workload]
+          "full": bench_full, "train": bench_train, "batch": bench_batch, "quant": bench_quant,
+          "steps": bench_steps}[a.workload]
     result = fn(a)
     print(json.dumps(result))
     return 0

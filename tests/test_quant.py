@@ -274,12 +274,16 @@ def test_quantizing_a_model_in_memory_equals_quantizing_while_loading(snapshot):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_quantized_compiled_decode_step_gives_the_eager_tokens(saved, scheme):
+def test_quantized_compiled_decode_step_gives_the_eager_tokens_in_one_graph(saved, scheme):
     # fp32 activations: the compiled step's sums differ from the eager ones only in their order, which
     # cannot flip a greedy choice here (in bf16, one rounding of a logit can).
     with pytest.warns(UserWarning, match="slower"):
         model = Molmo.from_pretrained(saved[scheme], dtype="fp32")
     ids = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(1))
     eager = generate(model, {"input_ids": ids}, max_new_tokens=6, stop_on_eos=False).tokens
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     compiled = generate(model, {"input_ids": ids}, max_new_tokens=6, stop_on_eos=False, compile=True).tokens
     assert torch.equal(eager, compiled)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs == 1  # the whole step
