@@ -1,5 +1,5 @@
-"""The decode step: compiled (one graph, blocks as one nested region) against eager, the automatic choice to compile,
-and decoding on eagerly when compiling fails."""
+"""The decode step: compiled (one graph, its blocks one nested region) against eager, the automatic
+choice to compile, and decoding on eagerly when compiling fails."""
 import dataclasses
 import warnings
 
