@@ -56,16 +56,18 @@ def _compiled(fn):
     return torch.compile(fn, fullgraph=True)
 
 
-def compiled_decode_one(model):
-    """decode_one compiled for this model: the whole step as one graph. On CPU the blocks are one nested
-    compile region (`torch.compiler.nested_compile_region`): one block is traced and compiled and its
-    code serves every block, so compiling costs about what a graph per block costs (the whole step traced
-    block after block took ~4x as long), and a step is one call of one graph instead of one per block
-    and one for the head (mid model, bf16: 1.11x the tokens/s, `scripts/bench.py --workload steps`).
-    Tensor-parallel models keep a graph per block: their collectives fail to compile in a nested region."""
+def compiled_decode_one(model, batch: int = 1):
+    """decode_one compiled for this model and batch size: the whole step as one graph. On CPU the blocks
+    are one nested compile region (`torch.compiler.nested_compile_region`): one block is traced and
+    compiled and its code serves every block, so compiling costs about what a graph per block costs (the
+    whole step traced block after block took ~4x as long), and a step is one call of one graph instead of
+    one per block and one for the head (mid model, bf16: 1.11x the tokens/s, `scripts/bench.py --workload
+    steps`). Several rows and tensor-parallel models keep a graph per block on CPU: dynamo fails to
+    reuse a region once the batch size has become dynamic (torch 2.13), and collectives fail to compile
+    in one."""
     if model.device.type == "cuda":
         return _compiled_step("whole")
-    if getattr(model, "split", None) is not None:
+    if batch > 1 or getattr(model, "split", None) is not None:
         return _compiled_step("blockwise")
     return _compiled_step("regions")
 

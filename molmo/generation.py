@@ -152,7 +152,7 @@ def token_steps(model, batch: dict, cfg: GenerationConfig) -> Iterator[torch.Ten
         slot = torch.tensor([L], device=ids.device)  # the cache column the next token is written to
         one = decoding.decode_one
         if compiled:
-            one = decoding.compiled_decode_one(model)
+            one = decoding.compiled_decode_one(model, B)
             if cfg.compile is None:
                 one = decoding.eager_if_compiling_fails(one)
 

@@ -432,7 +432,7 @@ def bench_steps(a) -> dict:
     try:
         for rep in range(a.repeat + 1):  # the first round compiles
             for kind, step in kinds.items():
-                decoding.compiled_decode_one = lambda model, step=step: step
+                decoding.compiled_decode_one = lambda model, batch, step=step: step
                 t = time.perf_counter()
                 gen = generate(model, inputs, cfg)
                 if rep == 0:

@@ -33,6 +33,16 @@ def test_compiled_decode_step_gives_the_eager_tokens_in_one_graph(tiny):
 
 
 @pytest.mark.slow
+def test_compiled_steps_of_one_row_then_of_two_give_the_eager_tokens(tiny):
+    torch._dynamo.reset()  # one row: one graph whose blocks are a nested region; then two: a graph per block
+    two = [example_inputs(5, 40, 1), example_inputs(6, 40, 1)]
+    rows = {k: torch.stack([two[0][k], two[1][k]]) for k in two[0]}
+    for ex in [example_inputs(3, 40, 1), example_inputs(4, 300, 1), rows]:
+        eager = generate(tiny, ex, max_new_tokens=4, stop_on_eos=False, compile=False).tokens
+        assert torch.equal(generate(tiny, ex, max_new_tokens=4, stop_on_eos=False, compile=True).tokens, eager)
+
+
+@pytest.mark.slow
 def test_compiled_decode_step_traces_one_block_for_all():
     captured = []
     for layers in (2, 6):
@@ -71,7 +81,7 @@ def test_automatic_compile_takes_cpu_batch_one_answers_long_enough_or_after_a_co
 
     used = []  # the compiled step, recorded instead of compiled (test_compiled_decode_step... compiles it)
     monkeypatch.setattr(decoding, "compiled_decode_one",
-                        lambda model: lambda *a: used.append(model.device.type) or decoding.decode_one(*a))
+                        lambda model, batch: lambda *a: used.append(model.device.type) or decoding.decode_one(*a))
     ex = example_inputs(5)
     eager = generate(tiny, ex, max_new_tokens=10, stop_on_eos=False, compile=False).tokens
     assert torch.equal(generate(tiny, ex, max_new_tokens=10, stop_on_eos=False).tokens, eager)
@@ -86,7 +96,7 @@ def test_automatic_compile_decodes_eagerly_with_one_warning_when_compiling_fails
 
     monkeypatch.setattr(tiny, "compiled_decoding", None, raising=False)
     monkeypatch.setattr(decoding, "AUTO_COMPILE_BYTES", 0)
-    monkeypatch.setattr(decoding, "compiled_decode_one", lambda model: no_compiler)
+    monkeypatch.setattr(decoding, "compiled_decode_one", lambda model, batch: no_compiler)
     ex = example_inputs(6)
     eager = generate(tiny, ex, max_new_tokens=6, stop_on_eos=False, compile=False).tokens
     with pytest.warns(UserWarning, match="decoding eagerly: compiling the decode step failed: InductorError"):
