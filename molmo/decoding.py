@@ -67,8 +67,8 @@ def compiled_decode_one(model, batch: int = 1):
     in one."""
     if model.device.type == "cuda":
         return _compiled_step("whole")
-    if batch > 1 or getattr(model, "split", None) is not None:
-        return _compiled_step("blockwise")
+    if batch > 1 or getattr(model, "split", None) is not None or not hasattr(torch.compiler, "nested_compile_region"):
+        return _compiled_step("blockwise")  # (nested regions: torch 2.8 and later)
     return _compiled_step("regions")
 
 

@@ -154,8 +154,9 @@ class QuantLinear(nn.Module):
         elif x.is_cuda:
             y = torch._weight_int4pack_mm(x2.to(torch.bfloat16), self.packed, GROUP_SIZE,
                                           _as(self.scale_zero, torch.bfloat16)).to(x.dtype)
-        elif torch.compiler.is_compiling():  # the op inductor lowers it to, with the group size as a tensor of
-            # the graph's own: inductor's lowering makes it a constant, which fails in a nested compile region
+        elif torch.compiler.is_compiling() and hasattr(torch.ops.quantized, "int4mm_packed_weight_cpu"):
+            # the op inductor lowers it to, with the group size as a tensor of the graph's own: inductor's
+            # lowering makes it a constant, which fails in a nested compile region
             group = torch.full((), GROUP_SIZE, dtype=torch.int64)
             y = torch.ops.quantized.int4mm_packed_weight_cpu(x2, self.packed, group, _as(self.scale_zero, x.dtype))
         else:
