@@ -52,8 +52,8 @@ def test_compiled_decode_step_traces_one_block_for_all():
         torch._dynamo.utils.counters.clear()
         generate(model, example_inputs(3, 40, 2), max_new_tokens=3, stop_on_eos=False, compile=True)
         captured.append(torch._dynamo.utils.counters["stats"]["calls_captured"])
-    block_ops = 15  # norms, products, rotary, cache writes, attention: more than this many calls each
-    assert captured[1] - captured[0] < 4 * block_ops / 2, captured  # 4 more blocks: a region call each
+    block_ops = 15  # norms, products, rotary, cache writes, attention: more than this many calls a block
+    assert captured[1] - captured[0] < 2 * block_ops, captured  # 4 more blocks: a region call each, not their ops
 
 
 @pytest.mark.slow
