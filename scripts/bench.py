@@ -10,7 +10,8 @@
   --workload mid         random weights: real ViT-L, a Qwen2-0.5B-sized LLM; one 640x480 image,
                          max_crops 1, 12 prompt tokens, 128 new tokens greedy (--dtype fp32|bf16); the
                          bound: the read-only bandwidth (a pass over a buffer the size of the weights)
-                         over the bytes of weights a token reads
+                         over the bytes of weights a token reads; batch_decode: 8 text prompts of
+                         the same length decoded together against one (--batch-rows N; 0: not)
   --workload train       full fine-tuning steps (AdamW, fp32) of the mid model, batch 2, each row one
                          640x480 image (max_crops 1) and a 64-token answer (--gradient-checkpointing):
                          step time, and the activation memory: the peak RSS of the timed steps'
@@ -32,7 +33,8 @@
                          pairs of 128-token answers, the pairs the default won, whether the tokens agree
                          (--dtype fp32|bf16, --quantize int8|int4)
   --workload full        the full 7B-D with random weights (CUDA): batch-1 decode and time to first
-                         token with a 13-crop image (--dtype bf16 by default)
+                         token with a 13-crop image (--dtype bf16 by default); --batch-rows 16:
+                         also 16 text prompts decoded together against one
 """
 from __future__ import annotations
 
@@ -277,6 +279,25 @@ def _decode_bench(model, inputs, n_new: int, device, compile: bool | None = None
     return out.timings | {"compiled": compiles(model, cfg, 1), "warmup_s": warmup}
 
 
+def _batch_decode(model, rows: int, prompt_tokens: int, n_new: int, device, compile: bool | None) -> dict:
+    """`rows` text prompts decoded together against the first one alone (same lengths, no padding; each
+    on the path generation takes for its batch size, after a warm-up run): tokens/s over all rows, the
+    speedup, and whether the first row's greedy tokens agree."""
+    from molmo.generation import GenerationConfig, generate
+
+    vocab = min(150_000, model.config.llm.vocab)  # plain text tokens, no special ones
+    ids = torch.from_numpy(np.random.default_rng(1).integers(0, vocab, (rows, prompt_tokens)))
+    cfg = GenerationConfig(max_new_tokens=n_new, stop_on_eos=False, compile=compile)
+    rate, first = {}, {}
+    for n in (1, rows):
+        generate(model, {"input_ids": ids[:n]}, cfg)  # warm-up: compiling, packing, the CUDA graph
+        out = generate(model, {"input_ids": ids[:n]}, cfg)
+        rate[n] = n * out.timings.get("steady_tokens_per_s", out.timings["tokens_per_s"])
+        first[n] = out.tokens[0].cpu()
+    return {"rows": rows, "prompt_tokens": prompt_tokens, "tok_s": {str(n): round(r, 2) for n, r in rate.items()},
+            "speedup": round(rate[rows] / rate[1], 2), "first_row_same_tokens": bool(torch.equal(first[1], first[rows]))}
+
+
 def bench_mid(a) -> dict:
     from molmo.testing import random_model
 
@@ -288,6 +309,8 @@ def bench_mid(a) -> dict:
     llm = model.llm
     per_token = sum(p.numel() * p.element_size() for n, p in llm.named_parameters() if not n.startswith("embed"))
     timings = _decode_bench(model, inputs, a.new_tokens or 128, device, a.compile)
+    rows = 8 if a.batch_rows is None else a.batch_rows
+    batch = _batch_decode(model, rows, len(inputs["input_ids"]), a.new_tokens or 128, device, a.compile) if rows > 1 else None
     reference = _reference_mid(a, model, inputs, mode) if a.reference_code else None
     bw = copy_bandwidth_gb_s(device)
     read = read_bandwidth_gb_s(per_token, device)
@@ -297,7 +320,7 @@ def bench_mid(a) -> dict:
             "weight_gb_per_token": round(per_token / 1e9, 3), "copy_bandwidth_gb_s": round(bw, 2),
             "read_bandwidth_gb_s": round(read, 2), "bound_tok_s": round(bound, 2),
             "compiled": timings["compiled"], "warmup_s": round(timings["warmup_s"], 1),
-            "fraction_of_bound": round(timings["tokens_per_s"] / bound, 3),
+            "fraction_of_bound": round(timings["tokens_per_s"] / bound, 3), "batch_decode": batch,
             "reference": reference}  # the official code, timed in this run with --reference-code
 
 
@@ -484,13 +507,15 @@ def bench_full(a) -> dict:
     hbm = a.hbm_gb_s or copy_bandwidth_gb_s(device)
     bound = hbm * 1e9 / per_token
     rate = timings.get("steady_tokens_per_s", timings["tokens_per_s"])
+    rows = a.batch_rows or 0
+    batch = _batch_decode(model, rows, len(inputs["input_ids"]), a.new_tokens or 128, device, a.compile) if rows > 1 else None
     return {"workload": "full", "dtype": mode, "quantize": a.quantize, "device": device, "compiled": timings["compiled"], "crops": n_crops,
             "prompt_tokens": len(inputs["input_ids"]), "ttft_s": round(statistics.median(ttft), 4),
             "ttft_runs_s": [round(t, 4) for t in ttft], "vision_connector_s": round(statistics.median(vision), 4),
             "decode_tok_s": round(rate, 1), "decode_tok_s_with_setup": round(timings["tokens_per_s"], 1),
             "new_tokens": a.new_tokens or 128, "weight_gb_per_token": round(per_token / 1e9, 2),
             "bandwidth_gb_s": round(hbm, 1), "bandwidth_bound_tok_s": round(bound, 1),
-            "fraction_of_bound": round(rate / bound, 3)}
+            "fraction_of_bound": round(rate / bound, 3), "batch_decode": batch}
 
 
 def current_rss_gb() -> float:
@@ -617,6 +642,8 @@ def main(argv=None) -> int:
     p.add_argument("--lora-rank", type=int, default=0, help="train: LoRA adapters of this rank (0: all weights)")
     p.add_argument("--quantize", choices=["int8", "int4"], help="load: quantize while loading; full, steps: quantize the decoder")
     p.add_argument("--tp", type=int, default=None, help="load: tensor parallelism over this many processes (torchrun)")
+    p.add_argument("--batch-rows", type=int, default=None,
+                   help="mid, full: also decode this many text prompts together against one (mid: 8 by default; 0: not)")
     p.add_argument("--reference-code", help="mid: also time the official code (folder of its .py files)")
     a = p.parse_args(argv)
     fn = {"load": bench_load, "convert": bench_convert, "preprocess": bench_preprocess, "mid": bench_mid,
