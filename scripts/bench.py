@@ -279,12 +279,14 @@ def _decode_bench(model, inputs, n_new: int, device, compile: bool | None = None
     return out.timings | {"compiled": compiles(model, cfg, 1), "warmup_s": warmup}
 
 
-def _batch_decode(model, rows: int, prompt_tokens: int, n_new: int, device, compile: bool | None) -> dict:
+def _batch_decode(model, rows: int, prompt_tokens: int, n_new: int, device, compile: bool | None) -> dict | None:
     """`rows` text prompts decoded together against the first one alone (same lengths, no padding; each
     on the path generation takes for its batch size, after a warm-up run): tokens/s over all rows, the
-    speedup, and whether the first row's greedy tokens agree."""
+    speedup, and whether the first row's greedy tokens agree. None for fewer than 2 rows."""
     from molmo.generation import GenerationConfig, generate
 
+    if rows < 2:
+        return None
     vocab = min(150_000, model.config.llm.vocab)  # plain text tokens, no special ones
     ids = torch.from_numpy(np.random.default_rng(1).integers(0, vocab, (rows, prompt_tokens)))
     cfg = GenerationConfig(max_new_tokens=n_new, stop_on_eos=False, compile=compile)
@@ -310,7 +312,7 @@ def bench_mid(a) -> dict:
     per_token = sum(p.numel() * p.element_size() for n, p in llm.named_parameters() if not n.startswith("embed"))
     timings = _decode_bench(model, inputs, a.new_tokens or 128, device, a.compile)
     rows = 8 if a.batch_rows is None else a.batch_rows
-    batch = _batch_decode(model, rows, len(inputs["input_ids"]), a.new_tokens or 128, device, a.compile) if rows > 1 else None
+    batch = _batch_decode(model, rows, len(inputs["input_ids"]), a.new_tokens or 128, device, a.compile)
     reference = _reference_mid(a, model, inputs, mode) if a.reference_code else None
     bw = copy_bandwidth_gb_s(device)
     read = read_bandwidth_gb_s(per_token, device)
@@ -507,8 +509,7 @@ def bench_full(a) -> dict:
     hbm = a.hbm_gb_s or copy_bandwidth_gb_s(device)
     bound = hbm * 1e9 / per_token
     rate = timings.get("steady_tokens_per_s", timings["tokens_per_s"])
-    rows = a.batch_rows or 0
-    batch = _batch_decode(model, rows, len(inputs["input_ids"]), a.new_tokens or 128, device, a.compile) if rows > 1 else None
+    batch = _batch_decode(model, a.batch_rows or 0, len(inputs["input_ids"]), a.new_tokens or 128, device, a.compile)
     return {"workload": "full", "dtype": mode, "quantize": a.quantize, "device": device, "compiled": timings["compiled"], "crops": n_crops,
             "prompt_tokens": len(inputs["input_ids"]), "ttft_s": round(statistics.median(ttft), 4),
             "ttft_runs_s": [round(t, 4) for t in ttft], "vision_connector_s": round(statistics.median(vision), 4),

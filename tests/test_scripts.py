@@ -73,12 +73,13 @@ def test_bench_batch_decode_reports_rows_against_one_and_the_first_rows_tokens()
     from molmo.config import MolmoConfig
     from molmo.testing import random_model
 
-    out = bench._batch_decode(random_model(MolmoConfig.tiny()), rows=3, prompt_tokens=20, n_new=6, device="cpu",
-                              compile=False)
+    model = random_model(MolmoConfig.tiny())
+    out = bench._batch_decode(model, rows=3, prompt_tokens=20, n_new=6, device="cpu", compile=False)
     one, three = out["tok_s"]["1"], out["tok_s"]["3"]
     assert out["rows"] == 3 and one > 0 and three > 0
     assert out["speedup"] == round(three / one, 2)
     assert out["first_row_same_tokens"] is True  # fp32, eager: the first row decodes alike alone or in a batch
+    assert bench._batch_decode(model, rows=1, prompt_tokens=20, n_new=6, device="cpu", compile=False) is None
 
 
 def test_gpu_summary_prints_the_figures_with_their_targets_and_survives_missing_steps(tmp_path):
