@@ -266,7 +266,8 @@ def _image_inputs(h: int, w: int, max_crops: int, n_prompt: int, seed: int = 0) 
 def _decode_bench(model, inputs, n_new: int, device, compile: bool | None = None) -> dict:
     """Timings of one generation after a warm-up run of the same length (which compiles the step when
     compile is True, or None and generation chooses to: the same cache size, so the timed run reuses it);
-    plus "compiled" (the step the timed run took) and "warmup_s" (that first run, compilation included)."""
+    plus "compiled" (the step the timed run took), "warmup_s" (that first run, compilation included)
+    and "tokens" (the timed run's)."""
     from molmo.decoding import compiles
     from molmo.generation import GenerationConfig, generate
 
@@ -276,26 +277,23 @@ def _decode_bench(model, inputs, n_new: int, device, compile: bool | None = None
     _sync(device)
     warmup = time.perf_counter() - t
     out = generate(model, inputs, cfg)
-    return out.timings | {"compiled": compiles(model, cfg, 1), "warmup_s": warmup}
+    rows = len(out.tokens)
+    return out.timings | {"compiled": compiles(model, cfg, rows), "warmup_s": warmup, "tokens": out.tokens}
 
 
 def _batch_decode(model, rows: int, prompt_tokens: int, n_new: int, device, compile: bool | None) -> dict | None:
     """`rows` text prompts decoded together against the first one alone (same lengths, no padding; each
-    on the path generation takes for its batch size, after a warm-up run): tokens/s over all rows, the
+    on the path generation takes for its batch size, `_decode_bench`): tokens/s over all rows, the
     speedup, and whether the first row's greedy tokens agree. None for fewer than 2 rows."""
-    from molmo.generation import GenerationConfig, generate
-
     if rows < 2:
         return None
     vocab = min(150_000, model.config.llm.vocab)  # plain text tokens, no special ones
     ids = torch.from_numpy(np.random.default_rng(1).integers(0, vocab, (rows, prompt_tokens)))
-    cfg = GenerationConfig(max_new_tokens=n_new, stop_on_eos=False, compile=compile)
     rate, first = {}, {}
     for n in (1, rows):
-        generate(model, {"input_ids": ids[:n]}, cfg)  # warm-up: compiling, packing, the CUDA graph
-        out = generate(model, {"input_ids": ids[:n]}, cfg)
-        rate[n] = n * out.timings.get("steady_tokens_per_s", out.timings["tokens_per_s"])
-        first[n] = out.tokens[0].cpu()
+        t = _decode_bench(model, {"input_ids": ids[:n]}, n_new, device, compile)
+        rate[n] = n * t.get("steady_tokens_per_s", t["tokens_per_s"])
+        first[n] = t["tokens"][0].cpu()
     return {"rows": rows, "prompt_tokens": prompt_tokens, "tok_s": {str(n): round(r, 2) for n, r in rate.items()},
             "speedup": round(rate[rows] / rate[1], 2), "first_row_same_tokens": bool(torch.equal(first[1], first[rows]))}
 
