@@ -61,7 +61,7 @@ def compiled_decode_one(model, batch: int = 1):
     are one nested compile region (`torch.compiler.nested_compile_region`): one block is traced and
     compiled and its code serves every block, so compiling costs about what a graph per block costs (the
     whole step traced block after block took ~4x as long), and a step is one call of one graph instead of
-    one per block and one for the head (mid model, bf16: 1.11x the tokens/s, `scripts/bench.py --workload
+    one per block and one for the head (mid model, bf16: 1.04-1.11x the tokens/s, `scripts/bench.py --workload
     steps`). Several rows and tensor-parallel models keep a graph per block on CPU: dynamo fails to
     reuse a region once the batch size has become dynamic (torch 2.13), and collectives fail to compile
     in one."""
