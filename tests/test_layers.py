@@ -42,8 +42,10 @@ def _fp32_layer(n_in=96, n_out=80):
     return Linear(n_in, n_out), torch.randn(3, 5, n_in)
 
 
-def test_packed_layer_gives_the_plain_product_and_unpacks_to_the_same_parameter_bit_for_bit():
-    layer, x = _fp32_layer()
+@pytest.mark.parametrize("rows", [(1,), (8,), (3, 5), (2, 40)])  # one row, a decode batch, prompts (PACK_ROWS 16)
+def test_packed_layer_gives_the_plain_product_and_unpacks_to_the_same_parameter_bit_for_bit(rows):
+    layer, _ = _fp32_layer()
+    x = torch.randn(*rows, layer.in_features)
     weight, before = layer.weight, layer.weight.detach().clone()
     want = layer(x)
     layer.pack()
