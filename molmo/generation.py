@@ -143,8 +143,8 @@ def token_steps(model, batch: dict, cfg: GenerationConfig) -> Iterator[torch.Ten
     # finite[c]: the logits computed at cache column c (the prompt's last, L - 1, then each step's) were finite
     finite = torch.ones(S, dtype=torch.bool, device=ids.device)
     with _lock(model), _kv_cache(model, B, S), _autocast_weights_kept():
-        if hasattr(model, "pack_for_inference"):  # CPU: packed weights; compiling takes plain ones
-            model.pack_for_inference(enabled=not compiled)
+        if hasattr(model, "pack_for_inference"):  # CPU: packed weights; a compiled step takes plain ones
+            model.pack_for_inference(decoder=not compiled)
         logits = decoding.prefill(model, inp, positions, mask)
         finite[L - 1] = logits.isfinite().all()
         tok = sample(logits)

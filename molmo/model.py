@@ -106,17 +106,19 @@ class Molmo(nn.Module):
         self.mode = mode
         return self.eval()
 
-    def pack_for_inference(self, enabled: bool = True) -> bool:
-        """Pack the decoder's linear weights in oneDNN's layout when that makes CPU decoding faster
-        (fp32; bf16 on CPUs with bf16 math; not in autocast mode, training or tensor parallelism),
-        or with enabled=False unpack them (torch.compile takes plain weights). Generation calls it;
-        a forward that needs weight gradients, `.to()` and saving see plain weights again
-        (`molmo.layers.Linear`). Returns whether the weights are packed."""
+    def pack_for_inference(self, enabled: bool = True, decoder: bool = True) -> bool:
+        """Pack the linear weights of the ViT, the connector and (with `decoder`) the decoder in oneDNN's
+        layout when that makes CPU inference faster (fp32; bf16 on CPUs with bf16 math; not in autocast
+        mode, training or tensor parallelism), or with enabled=False unpack them all. Generation calls it,
+        with decoder=False when the decode step compiles (torch.compile takes plain weights); a forward
+        that needs weight gradients, `.to()` and saving see plain weights again (`molmo.layers.Linear`).
+        Returns whether the weights are packed."""
         pack = (enabled and not self.training and self.mode != "autocast" and not torch.is_autocast_enabled("cpu")
-                and getattr(self, "split", None) is None and can_pack(self.llm))
-        for m in self.llm.modules():
-            if isinstance(m, Linear):
-                m.pack() if pack else m.unpack()  # one at a time: no second copy of the weights
+                and getattr(self, "split", None) is None and can_pack(self))
+        for part, packed in ((self.vision, pack), (self.connector, pack), (self.llm, pack and decoder)):
+            for m in part.modules():
+                if isinstance(m, Linear):
+                    m.pack() if packed else m.unpack()  # one at a time: no second copy of the weights
         return pack
 
     @property

@@ -257,9 +257,10 @@ def test_non_finite_logits_stop_generation_naming_the_step(tiny_dir, temperature
         generate(model, example_inputs(), max_new_tokens=12, temperature=temperature)
 
 
-def test_generation_packs_the_decoder_weights_once_and_keeps_its_tokens(tiny_dir):
-    """The packed CPU decode path (molmo.layers.Linear.pack) against the plain one: same greedy
-    tokens; the model's state dict unchanged; training and .to() see plain weights again."""
+def test_generation_packs_the_weights_once_and_keeps_its_tokens(tiny_dir):
+    """The packed CPU path (molmo.layers.Linear.pack: ViT, connector, decoder) against the plain one:
+    same greedy tokens; the model's state dict unchanged; a compiled step's decoder, training and .to()
+    see plain weights again."""
     from molmo.layers import Linear
 
     model = Molmo.from_pretrained(tiny_dir, device="cpu")
@@ -267,9 +268,12 @@ def test_generation_packs_the_decoder_weights_once_and_keeps_its_tokens(tiny_dir
     ex = example_inputs(3)
     plain = _greedy_by_recomputation(model, ex, 10)  # forward calls: plain weights
     got = generate(model, ex, max_new_tokens=10, stop_on_eos=False)
-    linears = [m for m in model.llm.modules() if isinstance(m, Linear)]
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert all(m.packed is not None for m in linears) == model.pack_for_inference()
     assert got.tokens[0].tolist() == plain
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    if model.pack_for_inference(decoder=False):  # what generation asks for before a compiled step
+        decoder = {id(m) for m in model.llm.modules()}
+        assert all((m.packed is None) == (id(m) in decoder) for m in linears)
     model.set_mode("bf16")  # .to(): plain again, converted
     assert all(m.packed is None and m.weight.dtype == torch.bfloat16 for m in linears)
