@@ -49,7 +49,8 @@ class Linear(nn.Linear):
 
     `pack()` moves the weight's values into oneDNN's blocked layout (`self.packed`; the parameter
     keeps its identity with an empty storage, so nothing is held twice): one- and few-row products
-    then stream the weight about twice as fast as torch's default on CPU (decoding). Anything that
+    then stream the weight about twice as fast as torch's default on CPU (decoding), and fp32 products of
+    many rows run ~1.3x as fast (prompts, the ViT). Anything that
     needs the plain weight gets it back first: a forward that needs its gradient, runs under autocast
     or in another dtype, `.to()`, saving, loading, `unpack()`."""
 
