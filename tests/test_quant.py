@@ -14,7 +14,7 @@ from molmo.checkpoint import CheckpointError
 from molmo.config import LLMConfig, MolmoConfig, VisionConfig
 from molmo.convert import quantize
 from molmo.generation import generate
-from molmo.layers import MIN_ROWS, streamed_product
+from molmo.layers import MIN_ROWS, cpu_has_bf16_math, streamed_product
 from molmo.quant import (GROUP_SIZE, QuantLinear, dequantize, int4_cpu_block, quantize_int4, quantize_int8,
                          unpack_int4)
 from molmo.testing import write_random_checkpoint
@@ -73,6 +73,26 @@ def test_quantized_linear_equals_the_dequantized_product(scheme, dtype):
         got = layer(x)
         assert got.shape == (2, rows, 160) and got.dtype == dtype
         assert rel(got, want) <= (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.skipif(not cpu_has_bf16_math(), reason="bf16 prompts on int8 weights take the kernel without bf16 math")
+def test_int8_prompt_rows_in_bf16_take_the_bf16_dequantized_product_and_agree_with_the_kernel(monkeypatch):
+    torch.manual_seed(4)
+    w = torch.randn(160, 2 * GROUP_SIZE) / 10
+    stored = quantize_int8(w)
+    layer = QuantLinear("int8", w.shape[1], w.shape[0], bias=False)
+    layer.set_weights(stored)
+    layer.to(torch.bfloat16)
+    taken = []
+    product = layer._dequantized_product
+    monkeypatch.setattr(layer, "_dequantized_product", lambda x: taken.append(x.dtype) or product(x))
+    x = torch.randn(MIN_ROWS, w.shape[1]).bfloat16()
+    kernel = torch._weight_int8pack_mm(x, layer.weight, layer.weight_scale)
+    got = layer(x)
+    assert taken == [torch.bfloat16] and got.dtype == torch.bfloat16
+    assert rel(got, kernel) <= 1e-2 and rel(got, x.float() @ dequantize("int8", stored).T) <= 1e-2
+    layer(x[:MIN_ROWS - 1])  # fewer rows: the kernel
+    assert taken == [torch.bfloat16]
 
 
 @pytest.mark.slow
