@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 MIN_ROWS = 64  # below this (decoding), reading bf16 weights beats converting them
-PACK_ROWS = 16  # the rows oneDNN lays packed weights out for (fp32 here: 1.4x the 8-row and 1.25x the
-# prompt's products of a layout for one row, one row ~10% slower; bf16 alike for every count)
+PACK_ROWS = 16  # packed weights take oneDNN's layout for this many rows: in fp32 the products of 8 rows run
+# 1.4x and a prompt's 1.25x as fast as in its one-row layout, a single row's ~10% slower (bf16: no change)
 SPLIT_K = 1024  # a compiled single-row CPU product sums over input chunks of at most this many features
 SCRATCH_MAX = 64 << 20  # elements (256 MB of float32) a scratch buffer keeps between calls
 

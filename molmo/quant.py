@@ -188,7 +188,8 @@ class QuantLinear(nn.Module):
         step = max(64, DEQUANT_ELEMENTS // self.in_features // 64 * 64)
         grad = torch.is_grad_enabled() and x.requires_grad  # autograd keeps each block: no shared buffer then
         buf = None if grad else scratch("dequantized", (min(step, self.out_features) * self.in_features,))
-        parts = [x @ self.dequantized(o, o + step, out=buf).to(x.dtype).T for o in range(0, self.out_features, step)]
+        parts = [x @ self.dequantized(o, o + step, out=buf).to(x.dtype).T
+                 for o in range(0, self.out_features, step)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
     def dequantized(self, start: int = 0, end: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
