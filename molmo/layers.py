@@ -50,9 +50,9 @@ class Linear(nn.Linear):
     `pack()` moves the weight's values into oneDNN's blocked layout (`self.packed`; the parameter
     keeps its identity with an empty storage, so nothing is held twice): one- and few-row products
     then stream the weight about twice as fast as torch's default on CPU (decoding), and fp32 products of
-    many rows run ~1.3x as fast (prompts, the ViT). Anything that
-    needs the plain weight gets it back first: a forward that needs its gradient, runs under autocast
-    or in another dtype, `.to()`, saving, loading, `unpack()`."""
+    many rows run ~1.3x as fast (prompts, the ViT). Anything that needs the plain weight gets it back
+    first: a forward that needs a gradient (of its input too: a frozen layer in the backward path), runs
+    under autocast or in another dtype, `.to()`, saving, loading, `unpack()`."""
 
     packed: torch.Tensor | None = None
 
@@ -61,10 +61,12 @@ class Linear(nn.Linear):
                 and type(self.weight) is nn.Parameter):  # not a distributed (tensor-parallel) weight
             return streamed_product(x, self.weight, self.bias)
         if self.packed is not None:
-            if (x.dtype == self.packed.dtype and not torch.is_autocast_enabled(x.device.type)
-                    and not (torch.is_grad_enabled() and self.weight.requires_grad)):
+            grad = torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x, self.weight, self.bias))
+            if x.dtype == self.packed.dtype and not torch.is_autocast_enabled(x.device.type) and not grad:
                 return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
-            self.unpack()  # gradients, autocast or another dtype: the plain weight, as before packing
+            # gradients (oneDNN's packed product has none: it would drop them), autocast or another dtype:
+            self.unpack()  # the plain weight, as before packing
         if (x.is_cpu and x.dtype == self.weight.dtype == torch.bfloat16
                 and x.numel() >= MIN_ROWS * x.shape[-1] and not cpu_has_bf16_math()):
             bias = None if self.bias is None else self.bias.float()

@@ -65,6 +65,18 @@ def test_a_forward_that_needs_weight_gradients_unpacks_first():
     assert layer.packed is None and layer.weight.grad is not None and layer.weight.grad.shape == (80, 96)
 
 
+def test_a_frozen_packed_layer_passes_the_gradient_of_its_input_back():
+    layer, x = _fp32_layer()
+    layer.requires_grad_(False)  # frozen, between trainable parts (oneDNN's packed product has no gradient)
+    x.requires_grad_(True)
+    (layer(x) ** 2).sum().backward()
+    want = x.grad.clone()
+    x.grad = None
+    layer.pack()
+    (layer(x) ** 2).sum().backward()
+    assert layer.packed is None and x.grad is not None and torch.allclose(x.grad, want)
+
+
 def test_under_autocast_a_packed_layer_computes_as_a_plain_one():
     layer, x = _fp32_layer()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
