@@ -111,7 +111,7 @@ class Molmo(nn.Module):
         layout when that makes CPU inference faster (fp32; bf16 on CPUs with bf16 math; not in autocast
         mode, training or tensor parallelism), or with enabled=False unpack them all. Generation calls it,
         with decoder=False when the decode step compiles (torch.compile takes plain weights); a forward
-        that needs weight gradients, `.to()` and saving see plain weights again (`molmo.layers.Linear`).
+        that needs gradients, `.to()` and saving see plain weights again (`molmo.layers.Linear`).
         Returns whether the weights are packed."""
         pack = (enabled and not self.training and self.mode != "autocast" and not torch.is_autocast_enabled("cpu")
                 and getattr(self, "split", None) is None and can_pack(self))
