@@ -112,6 +112,12 @@ def test_compiled_int8_linear_of_one_row_takes_the_reduction_and_equals_the_dequ
         for rows in (1, 4):
             x = torch.randn(rows, 1, w.shape[1])
             assert rel(step(x), x @ dequantize("int8", stored).T + b) <= 1e-6
+        layer.bfloat16()  # bf16 rows (converted to fp32 once in the loop): fp32 sums of the exact products
+        x = torch.randn(1, 1, w.shape[1]).bfloat16()
+        scale = stored["weight_scale"].bfloat16().double()
+        want = (x.double() @ stored["weight"].double().T) * scale + b.bfloat16().double()
+        got = step(x)
+        assert got.dtype == torch.bfloat16 and ((got.double() - want).abs() <= want.abs() * 2**-7 + 1e-3).all()
     assert taken
 
 
