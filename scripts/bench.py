@@ -8,10 +8,11 @@
                          and write the same bytes
   --workload preprocess  median ms to preprocess 1920x1080 and 4000x3000 RGB photos
   --workload mid         random weights: real ViT-L, a Qwen2-0.5B-sized LLM; one 640x480 image,
-                         max_crops 1, 12 prompt tokens, 128 new tokens greedy (--dtype fp32|bf16); the
-                         bound: the read-only bandwidth (a pass over a buffer the size of the weights)
-                         over the bytes of weights a token reads; batch_decode: 8 text prompts of
-                         the same length decoded together against one (--batch-rows N; 0: not)
+                         max_crops 1, 12 prompt tokens, 128 new tokens greedy (--dtype fp32|bf16), the
+                         median of 3 runs; the bound: the read-only bandwidth (a pass over a buffer the
+                         size of the weights) over the bytes of weights a token reads; batch_decode: 8
+                         text prompts of the same length decoded together against one, 3 rounds in
+                         turn, median rates (--batch-rows N; 0: not)
   --workload train       full fine-tuning steps (AdamW, fp32) of the mid model, batch 2, each row one
                          640x480 image (max_crops 1) and a 64-token answer (--gradient-checkpointing):
                          step time, and the activation memory: the peak RSS of the timed steps'
@@ -24,7 +25,8 @@
                          --size full: the 7B-D, 64 records each with a 13-crop 1920x1080 image, batch 1, 8, 32
   --workload quant       the mid model in bf16, int8 and int4 (same random weights): last-position logits
                          relative error and top-1 agreement over 64 teacher-forced positions against bf16,
-                         and decode tokens/s of each (64 new tokens; --compile: compiled steps);
+                         and decode tokens/s of each (64 new tokens, median of 3 runs; --compile:
+                         compiled steps);
                          bf16_vs_fp32: the same measures of bf16 against fp32, the scale of rounding
                          errors on this model
   --workload steps       the mid model's compiled CPU decode step two ways, interleaved in one process
@@ -61,6 +63,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from molmo.config import LLMConfig, MolmoConfig  # noqa: E402
 
 MOLMO_IDS = {"<im_start>": 152064, "<im_end>": 152065, "<im_patch>": 152066, "<im_col>": 152067}
+DECODE_RUNS = 3  # timed generations per decode rate, the median reported
+BATCH_ROUNDS = 3  # rounds of one row then all rows together, the median rates reported
 MID = MolmoConfig(llm=LLMConfig(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=9728, vocab=152064))
 
 
@@ -263,22 +267,25 @@ def _image_inputs(h: int, w: int, max_crops: int, n_prompt: int, seed: int = 0) 
             "image_input_idx": torch.from_numpy(idx)}
 
 
-def _decode_bench(model, inputs, n_new: int, device, compile: bool | None = None) -> dict:
-    """Timings of one generation after a warm-up run of the same length (which compiles the step when
-    compile is True, or None and generation chooses to: the same cache size, so the timed run reuses it);
-    plus "compiled" (the step the timed run took), "warmup_s" (that first run, compilation included)
-    and "tokens" (the timed run's)."""
+def _decode_bench(model, inputs, n_new: int, device, compile: bool | None = None, runs: int = 1,
+                  warmup: bool = True) -> dict:
+    """Timings of the median of `runs` generations (by tokens/s; this VM's speed drifts between runs)
+    after a warm-up run of the same length (which compiles the step when compile is True, or None and
+    generation chooses to: the same cache size, so the timed runs reuse it; `warmup=False`: done before);
+    plus "compiled" (the step the timed runs took), "warmup_s" (that first run, compilation included)
+    and "tokens" (the median run's)."""
     from molmo.decoding import compiles
     from molmo.generation import GenerationConfig, generate
 
     cfg = GenerationConfig(max_new_tokens=n_new, stop_on_eos=False, compile=compile)
     t = time.perf_counter()
-    generate(model, inputs, cfg)
-    _sync(device)
-    warmup = time.perf_counter() - t
-    out = generate(model, inputs, cfg)
-    rows = len(out.tokens)
-    return out.timings | {"compiled": compiles(model, cfg, rows), "warmup_s": warmup, "tokens": out.tokens}
+    if warmup:
+        generate(model, inputs, cfg)
+        _sync(device)
+    warmup_s = time.perf_counter() - t
+    outs = sorted((generate(model, inputs, cfg) for _ in range(runs)), key=lambda o: o.timings["tokens_per_s"])
+    out = outs[len(outs) // 2]
+    return out.timings | {"compiled": compiles(model, cfg, len(out.tokens)), "warmup_s": warmup_s, "tokens": out.tokens}
 
 
 def _batch_decode(model, rows: int, prompt_tokens: int, n_new: int, device, compile: bool | None) -> dict | None:
@@ -289,13 +296,17 @@ def _batch_decode(model, rows: int, prompt_tokens: int, n_new: int, device, comp
         return None
     vocab = min(150_000, model.config.llm.vocab)  # plain text tokens, no special ones
     ids = torch.from_numpy(np.random.default_rng(1).integers(0, vocab, (rows, prompt_tokens)))
-    rate, first = {}, {}
-    for n in (1, rows):
-        t = _decode_bench(model, {"input_ids": ids[:n]}, n_new, device, compile)
-        rate[n] = n * t.get("steady_tokens_per_s", t["tokens_per_s"])
-        first[n] = t["tokens"][0].cpu()
-    return {"rows": rows, "prompt_tokens": prompt_tokens, "tok_s": {str(n): round(r, 2) for n, r in rate.items()},
-            "speedup": round(rate[rows] / rate[1], 2), "first_row_same_tokens": bool(torch.equal(first[1], first[rows]))}
+    rates, first = {1: [], rows: []}, {}
+    for rep in range(BATCH_ROUNDS):  # one row and all rows in turn: a drift in the VM's speed hits both
+        for n in (1, rows):
+            t = _decode_bench(model, {"input_ids": ids[:n]}, n_new, device, compile, warmup=rep == 0)
+            rates[n].append(n * t.get("steady_tokens_per_s", t["tokens_per_s"]))
+            first[n] = t["tokens"][0].cpu()
+    rate = {n: statistics.median(r) for n, r in rates.items()}
+    return {"rows": rows, "prompt_tokens": prompt_tokens, "rounds": BATCH_ROUNDS,
+            "tok_s": {str(n): round(r, 2) for n, r in rate.items()}, "speedup": round(rate[rows] / rate[1], 2),
+            "speedups": [round(b / a, 2) for a, b in zip(rates[1], rates[rows])],
+            "first_row_same_tokens": bool(torch.equal(first[1], first[rows]))}
 
 
 def bench_mid(a) -> dict:
@@ -308,7 +319,7 @@ def bench_mid(a) -> dict:
     inputs = _image_inputs(480, 640, 1, 12)
     llm = model.llm
     per_token = sum(p.numel() * p.element_size() for n, p in llm.named_parameters() if not n.startswith("embed"))
-    timings = _decode_bench(model, inputs, a.new_tokens or 128, device, a.compile)
+    timings = _decode_bench(model, inputs, a.new_tokens or 128, device, a.compile, runs=DECODE_RUNS)
     rows = 8 if a.batch_rows is None else a.batch_rows
     batch = _batch_decode(model, rows, len(inputs["input_ids"]), a.new_tokens or 128, device, a.compile)
     reference = _reference_mid(a, model, inputs, mode) if a.reference_code else None
@@ -421,7 +432,7 @@ def bench_quant(a) -> dict:
             ref = logits
         else:
             out["logits_rel_err"][scheme], out["top1_agreement"][scheme] = _agreement(logits, ref)
-        timings = _decode_bench(model, inputs, n_new, a.device, a.compile)
+        timings = _decode_bench(model, inputs, n_new, a.device, a.compile, runs=DECODE_RUNS)
         out["decode_tok_s"][scheme] = round(timings["tokens_per_s"], 2)
         out["compiled"][scheme] = timings["compiled"]
         out["prefill_s"][scheme] = round(timings["prefill_s"], 2)

@@ -78,6 +78,7 @@ def test_bench_batch_decode_reports_rows_against_one_and_the_first_rows_tokens()
     one, three = out["tok_s"]["1"], out["tok_s"]["3"]
     assert out["rows"] == 3 and one > 0 and three > 0
     assert out["speedup"] == round(three / one, 2)
+    assert out["rounds"] == bench.BATCH_ROUNDS and len(out["speedups"]) == out["rounds"]  # each round's own ratio
     assert out["first_row_same_tokens"] is True  # fp32, eager: the first row decodes alike alone or in a batch
     assert bench._batch_decode(model, rows=1, prompt_tokens=20, n_new=6, device="cpu", compile=False) is None
 
