@@ -158,3 +158,15 @@ def test_compiled_single_row_linear_takes_the_reduction_and_matches_the_eager_la
             got = step(x)
             assert (got - want).abs().max() <= 1e-6 * want.abs().max()
     assert taken  # traced through the reduction, not the plain kernel
+
+
+@pytest.mark.slow
+def test_a_single_row_linear_compiles_with_dynamic_shapes():
+    torch.manual_seed(4)
+    layer = Linear(96, 40)
+    step = torch.compile(layer, fullgraph=True, dynamic=True)  # symbolic sizes: dynamo failed on their strides
+    with torch.no_grad():
+        for shape in ((1, 96), (1, 1, 96)):
+            x = torch.randn(shape)
+            want = layer(x)
+            assert (step(x) - want).abs().max() <= 1e-6 * want.abs().max()
