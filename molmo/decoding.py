@@ -50,13 +50,10 @@ AUTO_COMPILE_BYTES = 100e9  # compile=None: CPU batch-1 decoding compiles when i
 
 def _compiled(fn):
     """fn compiled as one graph. Raises dynamo's process-wide recompile limit to COMPILED_VARIANTS once
-    (a per-call `config.patch` cost ~50 us a call, ~1.5 ms a CPU step of 25 calls). Without inductor's
-    size asserts: the generated code checked the size and stride of every weight and intermediate on
-    each call (~400 checks a mid step, in Python), which dynamo's guards already check for the inputs
-    (1.06x the int8 and 1.10x the bf16 mid step's tokens/s, interleaved, 5 of 8 runs won)."""
+    (a per-call `config.patch` cost ~50 us a call, ~1.5 ms a CPU step of 25 calls)."""
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, COMPILED_VARIANTS)
-    return torch.compile(fn, fullgraph=True, options={"size_asserts": False})
+    return torch.compile(fn, fullgraph=True)
 
 
 def compiled_decode_one(model, batch: int = 1):
