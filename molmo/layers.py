@@ -126,8 +126,8 @@ def streamed_product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
     N, K = w.shape
     lead = x.shape[:-1]
     rows = computed_once(x.reshape(-1, K))  # [M, K]
-    if w.dtype == torch.int8 and rows.dtype != torch.float32:  # converted once, not once per output feature:
-        rows = computed_once(rows.float())  # int8's loop is bound by its arithmetic (1.09-1.25x the step)
+    if w.dtype == torch.int8 and rows.dtype != torch.float32:  # the rounded row in fp32, once, not once per
+        rows = computed_once(rows.float())  # output feature: int8's loop is bound by its arithmetic (1.09-1.25x)
     s = 1
     while K % (2 * s) == 0 and K // s > SPLIT_K:
         s *= 2
