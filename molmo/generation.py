@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 import torch
 
 from . import decoding
+from .checkpoint import all_finite
 from .llm import positions_and_mask
 
 EOS_ID = 151643  # <|endoftext|> in the Qwen2 vocabulary
@@ -146,7 +147,7 @@ def token_steps(model, batch: dict, cfg: GenerationConfig) -> Iterator[torch.Ten
         if hasattr(model, "pack_for_inference"):  # CPU: packed weights; a compiled step takes plain ones
             model.pack_for_inference(decoder=not compiled)
         logits = decoding.prefill(model, inp, positions, mask)
-        finite[L - 1] = logits.isfinite().all()
+        finite[L - 1] = all_finite(logits)
         tok = sample(logits)
         pos = n_real[:, None].clone()  # [B, 1]: new tokens continue each row's positions
         slot = torch.tensor([L], device=ids.device)  # the cache column the next token is written to
@@ -158,7 +159,7 @@ def token_steps(model, batch: dict, cfg: GenerationConfig) -> Iterator[torch.Ten
 
         def step(tok):
             logits = one(model, tok, pos, mask, slot)
-            finite.index_copy_(0, slot, logits.isfinite().all().view(1))
+            finite.index_copy_(0, slot, all_finite(logits).view(1))
             return sample(logits)
 
         graph = ids.device.type == "cuda" and cfg.temperature == 0 and cfg.max_new_tokens > 2

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from molmo import Molmo, MolmoConfig
-from molmo.checkpoint import CheckpointError, read_header
+from molmo.checkpoint import CheckpointError, all_finite, read_header
 from molmo.names import MOLMO, our_name, published_name
 from molmo.testing import write_random_checkpoint
 
@@ -205,13 +205,25 @@ def _set_tensor(path, name, value):
         f.write(struct.pack("<f", value))
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, tiny_dir, value):
     d = _copy(tiny_dir, tmp_path / "m")
     name = "model.transformer.blocks.1.ff_out.weight"
     _set_tensor(d / "model.safetensors", name, value)
     with pytest.raises(CheckpointError, match=f"tensor {name} holds non-finite values"):
         Molmo.from_pretrained(d, device="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite_finds_one_nan_or_inf_anywhere_like_isfinite_all(dtype):
+    x = torch.randn(3, 1037).to(dtype)  # 1037: vector bodies and a tail
+    assert bool(all_finite(x)) and bool(all_finite(x[:0]))
+    for pos in (0, 5, 16, 511, 1036, 3 * 1037 - 1):
+        for value in (float("nan"), float("inf"), -float("inf")):
+            y = x.clone()
+            y.view(-1)[pos] = value
+            assert not bool(all_finite(y)), (pos, value)
+            assert not bool(all_finite(y[pos // 1037]))
 
 
 def test_index_of_wrong_types_or_leaving_the_folder_is_refused(tmp_path):
