@@ -28,12 +28,16 @@ class CheckpointError(ValueError):
     """A checkpoint file or folder that is missing, truncated, corrupt or of the wrong layout."""
 
 
-def all_finite(x: torch.Tensor) -> torch.Tensor:
-    """Whether x holds no NaN or Inf, as a bool tensor on x's device (no host sync): its min and max are
-    finite (both propagate NaN). One vectorized pass, ~20x the pace of `x.isfinite().all()` on CPU."""
-    if x.numel() == 0:
+def all_finite(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Whether x holds no NaN or Inf, as a bool tensor on x's device (no host sync); along a non-empty
+    `dim` (kept, size 1) when given. Its min and max are finite (both propagate NaN): one vectorized pass,
+    ~20x the pace of `x.isfinite().all()` on CPU."""
+    if dim is not None:
+        lo, hi = torch.aminmax(x, dim=dim, keepdim=True)
+    elif x.numel() == 0:
         return torch.ones((), dtype=torch.bool, device=x.device)
-    lo, hi = torch.aminmax(x)
+    else:
+        lo, hi = torch.aminmax(x)
     return lo.isfinite() & hi.isfinite()
 
 

@@ -112,7 +112,7 @@ class Sampler:
         if self.gen is None:
             return logits.argmax(-1)
         probs = sampling_probs(logits, c.temperature, c.top_k, c.top_p)
-        probs = torch.where(probs.isfinite().all(-1, keepdim=True), probs, 1.0)  # NaN rows: caught by the caller
+        probs = torch.where(all_finite(probs, dim=-1), probs, 1.0)  # NaN rows: caught by the caller
         return torch.multinomial(probs, 1, generator=self.gen)[:, 0]
 
 

@@ -224,6 +224,7 @@ def test_all_finite_finds_one_nan_or_inf_anywhere_like_isfinite_all(dtype):
             y.view(-1)[pos] = value
             assert not bool(all_finite(y)), (pos, value)
             assert not bool(all_finite(y[pos // 1037]))
+            assert torch.equal(all_finite(y, dim=-1), y.isfinite().all(-1, keepdim=True))
 
 
 def test_index_of_wrong_types_or_leaving_the_folder_is_refused(tmp_path):
