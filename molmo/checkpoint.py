@@ -41,6 +41,15 @@ def all_finite(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     return lo.isfinite() & hi.isfinite()
 
 
+def require_finite(entry, values: torch.Tensor, source: torch.Tensor | None = None) -> None:
+    """One error naming `entry`'s tensor when float `values` read from it (converted from `source`, when
+    given) hold NaN or Inf: in the file, or made by a conversion past the range of values' dtype."""
+    if values.is_floating_point() and not bool(all_finite(values)):
+        if source is not None and source.is_floating_point() and bool(all_finite(source)):
+            raise CheckpointError(f"{entry.file}: tensor {entry.name} holds values beyond the range of {values.dtype}")
+        raise CheckpointError(f"{entry.file}: tensor {entry.name} holds non-finite values (NaN or Inf)")
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     file: Path
@@ -156,14 +165,17 @@ def nonfinite(entries: Iterable[TensorEntry]) -> list[str]:
 
 
 def read_into(entry: TensorEntry, dest: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
-    """Fill a contiguous `dest` (any dtype, any device) from the file, converting chunk by chunk."""
+    """Fill a contiguous `dest` (any dtype, any device) from the file, converting chunk by chunk; the
+    float values are checked finite as they land (`require_finite`)."""
     flat = dest.view(-1)
     if dest.device.type == "cpu" and DTYPES.get(entry.dtype) == dest.dtype:
-        for _ in iter_chunks(entry, chunk_bytes, out=flat):
-            pass
+        for _, chunk in iter_chunks(entry, chunk_bytes, out=flat):
+            require_finite(entry, chunk)
         return dest
     for start, chunk in iter_chunks(entry, chunk_bytes):
-        flat[start:start + chunk.numel()].copy_(chunk)
+        out = flat[start:start + chunk.numel()]
+        out.copy_(chunk)
+        require_finite(entry, out, chunk)
     return dest
 
 
@@ -251,7 +263,8 @@ def slice_runs(entry: TensorEntry, rows: list[tuple[int, int]], cols: tuple[int,
 def read_slice(entry: TensorEntry, dest: torch.Tensor, rows: list[tuple[int, int]], cols: tuple[int, int] | None,
                chunk_bytes: int = CHUNK_BYTES) -> int:
     """Fill a contiguous `dest` with a slice of a tensor (see `slice_runs`), reading only the slice's
-    bytes and converting them a chunk at a time; float values are checked finite. Returns the bytes read."""
+    bytes and converting them a chunk at a time; the converted float values are checked finite
+    (`require_finite`). Returns the bytes read."""
     if entry.dtype not in DTYPES:
         raise CheckpointError(f"{entry.file}: tensor {entry.name} has unsupported dtype {entry.dtype}")
     src = DTYPES[entry.dtype]
@@ -263,9 +276,9 @@ def read_slice(entry: TensorEntry, dest: torch.Tensor, rows: list[tuple[int, int
     def flush():
         nonlocal filled, written
         n = filled // src.itemsize
-        if src.is_floating_point and not bool(all_finite(buf[:n])):
-            raise CheckpointError(f"{entry.file}: tensor {entry.name} holds non-finite values (NaN or Inf)")
-        flat[written:written + n].copy_(buf[:n])
+        out = flat[written:written + n]
+        out.copy_(buf[:n])
+        require_finite(entry, out, buf[:n])
         written, filled = written + n, 0
 
     with open(entry.file, "rb", buffering=0) as f:  # unbuffered: each read is the slice's bytes, no more

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import DTYPES, FLOATS, CheckpointError, all_finite, iter_chunks, read_into, snapshot_tensors
+from .checkpoint import DTYPES, FLOATS, CheckpointError, iter_chunks, read_into, require_finite, snapshot_tensors
 from .names import published_name
 from .quant import QuantLinear, quantize_tensor, stored_shapes
 
@@ -133,8 +133,7 @@ def quantize_rows(entry, scheme: str, device="cpu", chunk_bytes: int = 64 << 20)
               for k, (shape, d) in stored_shapes(scheme, out_f, in_f).items()}
     for start, chunk in iter_chunks(entry, max(1, chunk_bytes // (in_f * itemsize)) * in_f * itemsize):
         rows = chunk.view(-1, in_f).to(device, torch.float32)
-        if not bool(all_finite(rows)):
-            raise CheckpointError(f"{entry.file}: tensor {entry.name} holds non-finite values (NaN or Inf)")
+        require_finite(entry, rows)
         first = start // in_f
         for k, t in quantize_tensor(scheme, rows).items():
             result[k][first:first + len(t)] = t
@@ -143,7 +142,4 @@ def quantize_rows(entry, scheme: str, device="cpu", chunk_bytes: int = 64 << 20)
 
 def _read(entry, dtype: torch.dtype, device) -> torch.Tensor:
     dest = torch.empty(entry.shape, dtype=dtype, device=device)
-    read_into(entry, dest)
-    if dest.is_floating_point() and not bool(all_finite(dest)):
-        raise CheckpointError(f"{entry.file}: tensor {entry.name} holds non-finite values (NaN or Inf)")
-    return dest
+    return read_into(entry, dest)

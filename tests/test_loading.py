@@ -214,6 +214,15 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, tiny_dir, va
         Molmo.from_pretrained(d, device="cpu")
 
 
+def test_weights_past_the_range_of_the_loading_dtype_are_refused_naming_the_tensor(tmp_path, tiny_dir):
+    d = _copy(tiny_dir, tmp_path / "m")
+    name = "model.transformer.blocks.1.ff_out.weight"
+    _set_tensor(d / "model.safetensors", name, 3.4e38)  # finite in fp32, past bf16's largest value (3.39e38)
+    Molmo.from_pretrained(d, device="cpu", dtype="fp32")
+    with pytest.raises(CheckpointError, match=f"tensor {name} holds values beyond the range of torch.bfloat16"):
+        Molmo.from_pretrained(d, device="cpu", dtype="bf16")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_all_finite_finds_one_nan_or_inf_anywhere_like_isfinite_all(dtype):
     x = torch.randn(3, 1037).to(dtype)  # 1037: vector bodies and a tail

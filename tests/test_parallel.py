@@ -86,6 +86,18 @@ def test_a_slice_holding_nan_is_refused_naming_file_and_tensor(tmp_path):
         read_slice(e, torch.empty(4, 4), [(4, 8)], None)
 
 
+def test_a_slice_past_the_range_of_its_dtype_is_refused_not_loaded_as_inf(tmp_path):
+    from molmo.checkpoint import CheckpointError, write_safetensors
+
+    full = torch.zeros(8, 4)
+    full[6, 1] = 3.4e38  # finite in fp32, past bf16's largest value (3.39e38)
+    write_safetensors(tmp_path / "t.safetensors", [("w", (8, 4), torch.float32)], lambda n: full)
+    e = read_header(tmp_path / "t.safetensors")["w"]
+    read_slice(e, torch.empty(4, 4), [(4, 8)], None)  # in fp32 it reads fine
+    with pytest.raises(CheckpointError, match=r"t.safetensors: tensor w holds values beyond the range of torch.bfloat16"):
+        read_slice(e, torch.empty(4, 4, dtype=torch.bfloat16), [(4, 8)], None)
+
+
 def test_tp_not_equal_to_the_number_of_processes_is_one_clear_error():
     with pytest.raises(ValueError, match=r"tp=2 needs 2 processes.*torchrun --nproc-per-node 2.*this run has 1"):
         tp_mesh(2, torch.device("cpu"))
