@@ -160,6 +160,7 @@ def _answer(a):
     config = MolmoConfig.from_hf(folder)  # cheap checks first: config, weight headers, tokenizer
     snapshot_tensors(folder)
     processor = MolmoProcessor.from_pretrained(folder)
+    _check_tokenizer(folder, config, processor.tokenizer)
     inputs = processor.process(images=a.image or None, text=a.prompt)
     check_context(config, len(inputs["input_ids"]), a.max_new_tokens)  # before the (long) load
     model = Molmo.from_pretrained(folder, dtype=dtype, device=device, quantize=a.quantize, tp=a.tp)
@@ -175,6 +176,14 @@ def _answer(a):
     result = {"text": out.texts[0], "token_ids": out.tokens[0, :out.lengths[0]].tolist(),
               "prompt_tokens": len(inputs["input_ids"]), "dtype": dtype, "device": device, "timings": timings}
     return result
+
+
+def _check_tokenizer(folder: Path, config, tokenizer) -> None:
+    """One clear error, before the (long) load, for a tokenizer whose ids the model cannot embed."""
+    rows = config.llm.vocab + config.llm.extra_vocab
+    if len(tokenizer) > rows:
+        raise ValueError(f"{folder}: the tokenizer has {len(tokenizer):,} tokens but the model embeds {rows:,} "
+                         f"(vocabulary {config.llm.vocab:,} + {config.llm.extra_vocab} extra): not this checkpoint's tokenizer")
 
 
 def _generate(a) -> int:
@@ -228,6 +237,7 @@ def _batch(a) -> int:
     import torch.distributed as dist
 
     from .batch import check_output, merge, read_records, run_job
+    from .config import MolmoConfig
     from .hub import resolve_snapshot
     from .model import Molmo
     from .preprocess import MolmoProcessor
@@ -243,6 +253,7 @@ def _batch(a) -> int:
     check_output(a.output, a.resume)
     folder = resolve_snapshot(a.model)
     processor = MolmoProcessor.from_pretrained(folder)
+    _check_tokenizer(folder, MolmoConfig.from_hf(folder), processor.tokenizer)
     model = Molmo.from_pretrained(folder, dtype=dtype, device=device, quantize=a.quantize)
     if world > 1:  # gloo only coordinates (the end of every rank's share); no tensors are exchanged
         dist.init_process_group("gloo", timeout=timedelta(days=7))

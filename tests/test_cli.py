@@ -8,7 +8,7 @@ from PIL import Image
 
 from molmo import cli
 
-from conftest import FACTS, GOLDEN
+from conftest import FACTS, GOLDEN, TOKENIZER
 
 pytestmark = pytest.mark.slow  # subprocesses
 
@@ -154,3 +154,23 @@ def test_quantized_cpu_runs_default_to_bf16_activations_and_an_explicit_dtype_wi
     assert cli._device_and_dtype(argparse.Namespace(**args, quantize="int4")) == ("cpu", "bf16")
     assert cli._device_and_dtype(argparse.Namespace(**args, quantize=None)) == ("cpu", "fp32")
     assert cli._device_and_dtype(argparse.Namespace(device="cpu", dtype="fp32", quantize="int8")) == ("cpu", "fp32")
+
+
+def test_generate_and_batch_refuse_a_tokenizer_the_model_cannot_embed_before_loading(tmp_path, tiny_dir, monkeypatch,
+                                                                                    capsys):
+    import shutil
+
+    from molmo.model import Molmo
+    from molmo.preprocess import Tokenizer
+
+    d = shutil.copytree(tiny_dir, tmp_path / "m")  # vocabulary 512 + 128 extra rows, with the real tokenizer
+    for f in TOKENIZER.iterdir():
+        shutil.copy2(f, d / f.name)
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt": "Hi"}\n')
+    monkeypatch.setattr(Molmo, "from_pretrained", lambda *a, **k: pytest.fail("loaded the weights"))
+    for args in (["generate", "--model", d, "--prompt", "Hi"],
+                 ["batch", "--model", d, "--input", tmp_path / "in.jsonl", "--output", tmp_path / "out.jsonl"]):
+        assert cli.main([*map(str, args), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert f"the tokenizer has {len(Tokenizer(TOKENIZER)):,} tokens but the model embeds 640" in err, err
+        assert len(err.strip().splitlines()) == 1
