@@ -180,7 +180,7 @@ def _answer(a):
 
 def _check_tokenizer(folder: Path, config, tokenizer) -> None:
     """One clear error, before the (long) load, for a tokenizer whose ids the model cannot embed."""
-    rows = config.llm.vocab + config.llm.extra_vocab
+    rows = config.llm.embedded_ids
     if len(tokenizer) > rows:
         raise ValueError(f"{folder}: the tokenizer has {len(tokenizer):,} tokens but the model embeds {rows:,} "
                          f"(vocabulary {config.llm.vocab:,} + {config.llm.extra_vocab} extra): not this checkpoint's tokenizer")

@@ -68,6 +68,11 @@ class LLMConfig:
     def mlp_hidden(self) -> int:
         return self.intermediate // 2
 
+    @property
+    def embedded_ids(self) -> int:
+        """Token ids the embedding takes: the vocabulary, then Molmo's extra rows."""
+        return self.vocab + self.extra_vocab
+
 
 @dataclass(frozen=True)
 class MolmoConfig:

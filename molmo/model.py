@@ -215,7 +215,7 @@ class Molmo(nn.Module):
         config = self.config
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
-        n_vocab = config.llm.vocab + config.llm.extra_vocab
+        n_vocab = config.llm.embedded_ids
         if input_ids.numel() and (input_ids.min() < -1 or input_ids.max() >= n_vocab):
             raise ValueError(f"input_ids must lie in [-1, {n_vocab}), got [{input_ids.min()}, {input_ids.max()}]")
         if images is None:
