@@ -145,6 +145,9 @@ class QuantLinear(nn.Module):
         dtype = self._dequantized_dtype(x2)
         if dtype is not None:
             y = self._dequantized_product(x2.to(dtype)).to(x.dtype)
+        elif passes_gradient(x2) and not (x.is_cuda and self.scheme == "int8"):
+            raise RuntimeError(f"{self.scheme} weights on {x.device.type}: PyTorch's kernel has no backward, so no "
+                               "gradient passes through this layer; fine-tune the unquantized model")
         elif self.scheme == "int8" and takes_streamed_product(x2):
             return streamed_product(x, self.weight, self.bias, self.weight_scale)  # 1.5-2x the kernel's pace
         elif self.scheme == "int8":
@@ -170,12 +173,16 @@ class QuantLinear(nn.Module):
         """The dtype in which x [N, in] multiplies the dequantized weight, or None for the kernels. On CPU,
         for a prompt's rows: fp32 for fp32 rows and for bf16 ones without bf16 math (as `molmo.layers.Linear`
         does then); bf16 for bf16 rows on int8 weights (~2.6x the int8 kernel's pace for a prompt; the int4
-        kernel is as fast as this)."""
-        if not (x.is_cpu and len(x) >= MIN_ROWS) or torch.compiler.is_compiling():  # compiled steps: the kernels
-            return None
+        kernel is as fast as this). Rows that need a gradient take it too, however few: a frozen quantized
+        decoder passes gradients back to the parts before it (the ViT, the connector, their adapters)."""
+        backward = passes_gradient(x)  # PyTorch's int8/int4 kernels have no backward: any number of rows
+        if not x.is_cpu or torch.compiler.is_compiling() or (len(x) < MIN_ROWS and not backward):
+            return None  # compiled steps and a token's rows: the kernels
+        if self.scheme == "int4" and not self._cpu_layout_known():
+            return None  # only the kernel reads the layout
         if x.dtype == torch.float32 or not cpu_has_bf16_math():
-            return torch.float32 if self.scheme == "int8" or self._cpu_layout_known() else None
-        return torch.bfloat16 if self.scheme == "int8" else None
+            return torch.float32
+        return torch.bfloat16 if self.scheme == "int8" or backward else None
 
     def _cpu_layout_known(self) -> bool:
         block = int4_cpu_block()
@@ -186,7 +193,7 @@ class QuantLinear(nn.Module):
         block of output channels at a time. PyTorch's int8/int4 CPU kernels run fp32 activations ~20x slower
         than this for a prompt's rows (and bf16 ones 1.3-1.6x slower where the CPU lacks bf16 math)."""
         step = max(64, DEQUANT_ELEMENTS // self.in_features // 64 * 64)
-        grad = torch.is_grad_enabled() and x.requires_grad  # autograd keeps each block: no shared buffer then
+        grad = passes_gradient(x)  # autograd keeps each block: no shared buffer then
         buf = None if grad else scratch("dequantized", (min(step, self.out_features) * self.in_features,))
         parts = [x @ self.dequantized(o, o + step, out=buf).to(x.dtype).T
                  for o in range(0, self.out_features, step)]
@@ -228,6 +235,11 @@ def int4_cpu_block() -> int | None:
         if torch.equal(torch.cat([p & 15, p >> 4], -1).transpose(1, 2).reshape(128, 128).int(), q):
             return block
     return None
+
+
+def passes_gradient(x: torch.Tensor) -> bool:
+    """Whether a product of x must pass a gradient back to x (the weights here never take one)."""
+    return torch.is_grad_enabled() and x.requires_grad
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -210,6 +210,43 @@ def test_quantized_model_equals_the_float_model_holding_the_dequantized_weights(
     assert rel(got, Molmo.from_pretrained(snapshot)(ids).logits.detach()) > 1e-3  # and it did quantize
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_gradients_pass_through_a_frozen_quantized_decoder_as_through_the_dequantized_weights(snapshot, scheme):
+    from molmo.quant import quantizable
+
+    quantized = Molmo.from_pretrained(snapshot, quantize=scheme)
+    float_model = Molmo.from_pretrained(snapshot)
+    with torch.no_grad():
+        for name in quantizable(float_model):
+            w = float_model.get_submodule(name).weight
+            w.copy_(dequantize(scheme, quantize_int8(w) if scheme == "int8" else quantize_int4(w)))
+    ids = torch.randint(0, 512, (1, 10))  # fewer rows than a prompt's: the kernels have no backward
+    grads = []
+    for model in (float_model, quantized):
+        model.requires_grad_(False).llm.embed.requires_grad_(True)  # e.g. the parts before the decoder
+        model(ids, labels=ids).loss.backward()
+        grads.append(model.llm.embed.base.grad)
+    assert grads[0].abs().sum() > 0 and rel(grads[1], grads[0]) <= 1e-5
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_quantized_layer_passes_gradients_for_any_rows_in_bf16_and_refuses_a_kernel_without_backward(monkeypatch, scheme):
+    torch.manual_seed(6)
+    w = torch.randn(128, 2 * GROUP_SIZE) / 10
+    stored = quantize_int8(w) if scheme == "int8" else quantize_int4(w)
+    layer = QuantLinear(scheme, w.shape[1], w.shape[0], bias=False)
+    layer.set_weights(stored)
+    layer.to(torch.bfloat16)
+    for rows in (1, 3, MIN_ROWS + 1):
+        x = torch.randn(rows, w.shape[1]).bfloat16().requires_grad_()
+        (g,) = torch.autograd.grad(layer(x).float().sum(), x)
+        assert rel(g, dequantize(scheme, stored).sum(0).expand_as(g)) <= 1e-2
+    if scheme == "int4":  # a packed layout only the kernel reads: one clear error, not autograd's
+        monkeypatch.setattr(layer, "_cpu_layout_known", lambda: False)
+        with pytest.raises(RuntimeError, match="int4 weights on cpu: PyTorch's kernel has no backward"):
+            layer(torch.randn(3, w.shape[1]).bfloat16().requires_grad_())
+
+
 def test_loading_quantized_weights_with_fp32_activations_on_cpu_warns_and_bf16_does_not(snapshot, saved):
     import warnings
 
