@@ -194,16 +194,22 @@ def test_quantized_decoding_with_the_cache_equals_the_uncached_forward(saved, sc
     assert torch.equal(logits[0, 11:-1].argmax(-1), out.tokens[0])
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_quantized_model_equals_the_float_model_holding_the_dequantized_weights(snapshot, scheme):
+def float_model_holding_the_dequantized_weights(snapshot, scheme: str) -> Molmo:
     from molmo.quant import quantizable
 
-    quantized = Molmo.from_pretrained(snapshot, quantize=scheme)
-    float_model = Molmo.from_pretrained(snapshot)
+    model = Molmo.from_pretrained(snapshot)
     with torch.no_grad():
-        for name in quantizable(float_model):
-            w = float_model.get_submodule(name).weight
+        for name in quantizable(model):
+            w = model.get_submodule(name).weight
             w.copy_(dequantize(scheme, quantize_int8(w) if scheme == "int8" else quantize_int4(w)))
+    return model
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_model_equals_the_float_model_holding_the_dequantized_weights(snapshot, scheme):
+    quantized = Molmo.from_pretrained(snapshot, quantize=scheme)
+    float_model = float_model_holding_the_dequantized_weights(snapshot, scheme)
+    with torch.no_grad():
         ids = torch.randint(0, 512, (1, 40))
         want, got = float_model(ids).logits, quantized(ids).logits
     assert rel(got, want) <= 1e-5
@@ -212,14 +218,8 @@ def test_quantized_model_equals_the_float_model_holding_the_dequantized_weights(
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_gradients_pass_through_a_frozen_quantized_decoder_as_through_the_dequantized_weights(snapshot, scheme):
-    from molmo.quant import quantizable
-
     quantized = Molmo.from_pretrained(snapshot, quantize=scheme)
-    float_model = Molmo.from_pretrained(snapshot)
-    with torch.no_grad():
-        for name in quantizable(float_model):
-            w = float_model.get_submodule(name).weight
-            w.copy_(dequantize(scheme, quantize_int8(w) if scheme == "int8" else quantize_int4(w)))
+    float_model = float_model_holding_the_dequantized_weights(snapshot, scheme)
     ids = torch.randint(0, 512, (1, 10))  # fewer rows than a prompt's: the kernels have no backward
     grads = []
     for model in (float_model, quantized):
