@@ -176,7 +176,7 @@ class QuantLinear(nn.Module):
         kernel is as fast as this). Rows that need a gradient take it too, however few: a frozen quantized
         decoder passes gradients back to the parts before it (the ViT, the connector, their adapters)."""
         backward = passes_gradient(x)  # PyTorch's int8/int4 kernels have no backward: any number of rows
-        if not x.is_cpu or torch.compiler.is_compiling() or (len(x) < MIN_ROWS and not backward):
+        if not x.is_cpu or ((torch.compiler.is_compiling() or len(x) < MIN_ROWS) and not backward):
             return None  # compiled steps and a token's rows: the kernels
         if self.scheme == "int4" and not self._cpu_layout_known():
             return None  # only the kernel reads the layout
@@ -220,6 +220,7 @@ class QuantLinear(nn.Module):
 
 
 @functools.cache
+@torch.compiler.assume_constant_result  # a compiled forward reads the answer, not the probe
 def int4_cpu_block() -> int | None:
     """Rows per block of PyTorch's packed int4 CPU layout on this machine (its kernels pick it by CPU:
     32 with AVX2, 64 with AVX-512), found by packing a probe: within a block each input column holds

@@ -247,6 +247,19 @@ def test_a_quantized_layer_passes_gradients_for_any_rows_in_bf16_and_refuses_a_k
             layer(torch.randn(3, w.shape[1]).bfloat16().requires_grad_())
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_compiled_forward_passes_gradients_through_a_quantized_layer(scheme):
+    torch.manual_seed(7)
+    w = torch.randn(128, 2 * GROUP_SIZE) / 10
+    stored = quantize_int8(w) if scheme == "int8" else quantize_int4(w)
+    layer = QuantLinear(scheme, w.shape[1], w.shape[0], bias=False)
+    layer.set_weights(stored)
+    x = torch.randn(5, w.shape[1], requires_grad=True)
+    torch.compile(lambda x: layer(x).sum(), fullgraph=True)(x).backward()
+    assert rel(x.grad, dequantize(scheme, stored).sum(0).expand_as(x)) <= 1e-6
+
+
 def test_loading_quantized_weights_with_fp32_activations_on_cpu_warns_and_bf16_does_not(snapshot, saved):
     import warnings
 
