@@ -36,8 +36,18 @@ def _quantized(model: nn.Module) -> list[tuple[str, QuantLinear]]:
 
 def _stored(name: str, m: QuantLinear) -> dict[str, tuple[tuple[int, ...], str]]:
     """Published name -> (shape, dtype) of each tensor a quantized layer is saved as."""
-    prefix = published_name(f"{name}.weight").removesuffix("weight")
-    return {prefix + k: v for k, v in stored_shapes(m.scheme, m.out_features, m.in_features).items()}
+    return {_prefix(name) + k: v for k, v in stored_shapes(m.scheme, m.out_features, m.in_features).items()}
+
+
+def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Published name -> tensor of every quantized layer's weights in their stored form (CPU), as a
+    quantized snapshot holds them."""
+    return {_prefix(name) + k: t for name, m in _quantized(model) for k, t in m.stored().items()}
+
+
+def _prefix(name: str) -> str:
+    """The published name of a layer's weight, less "weight": its stored tensors' names are this + part."""
+    return published_name(f"{name}.weight").removesuffix("weight")
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

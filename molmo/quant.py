@@ -205,18 +205,36 @@ class QuantLinear(nn.Module):
         layout); written into the front of the flat buffer `out` when given."""
         end = min(end or self.out_features, self.out_features)
         rows = end - start
-        if self.scheme == "int4" and (start % 64 or not self._cpu_layout_known()):
-            raise ValueError(f"int4 weights read back from the CPU layout in blocks of 64 rows, not from row {start}")
         n = rows * self.in_features
         w = (torch.empty(n, dtype=torch.float32) if out is None else out[:n]).view(rows, -1)
         if self.scheme == "int8":
             return torch.mul(self.weight[start:end], self.weight_scale[start:end, None].float(), out=w)
-        block = int4_cpu_block()
-        packed = self.packed[start:end].view(-1, self.in_features, block // 2)  # [blocks, in, block/2]
-        w.copy_(torch.cat([packed & 15, packed >> 4], -1).transpose(1, 2).reshape(rows, -1))  # the values 0..15
+        w.copy_(self.int4_values(start, end))
         scale, zero = self.scale_zero[:, start:end].float().unbind(-1)  # [in/group, rows] each
         g = w.view(rows, -1, GROUP_SIZE)
         return g.sub_(8).mul_(scale.T[..., None]).add_(zero.T[..., None]).view(rows, -1)
+
+    def int4_values(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """The 4-bit values [end - start, in] (uint8, 0..15) of int4 output channels start..end, read back
+        from PyTorch's packed CPU layout in blocks of 64 rows."""
+        end = min(end or self.out_features, self.out_features)
+        if not self._cpu_layout_known():
+            raise ValueError(f"int4 weights in PyTorch's {self.packed.device.type} layout cannot be read back (only "
+                             "the CPU layouts of its AVX2 and AVX-512 kernels)")
+        if start % 64:
+            raise ValueError(f"int4 weights read back from the CPU layout in blocks of 64 rows, not from row {start}")
+        packed = self.packed[start:end].view(-1, self.in_features, int4_cpu_block() // 2)  # [blocks, in, block/2]
+        return torch.cat([packed & 15, packed >> 4], -1).transpose(1, 2).reshape(end - start, -1)
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        """The weights in a quantized snapshot's stored form (the module docstring's), on CPU: what
+        `set_weights` takes and `convert_weights.py quantize` writes."""
+        if self.scheme == "int8":
+            return {"weight": self.weight.cpu(), "weight_scale": self.weight_scale.float().cpu()}
+        q = self.int4_values()
+        scale, zero = self.scale_zero.transpose(0, 1).bfloat16().unbind(-1)  # [out, in/group] each
+        return {"weight": q[:, 0::2] | (q[:, 1::2] << 4), "weight_scale": scale.contiguous(),
+                "weight_zero": zero.contiguous()}
 
 
 @functools.cache

@@ -230,25 +230,32 @@ def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_snapshot(model: Molmo, out: Path, source: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the files of a Molmo snapshot in the published layout into `out`: safetensors under the
-    published names, and the source snapshot's config, tokenizer, preprocessor and code files.
+    published names, and the source snapshot's config, tokenizer, preprocessor and code files. A model
+    with quantized weights writes a quantized snapshot (the weights' stored form, `quantization_config`).
 
     Everything is written to a temporary folder first, then moved in (the weights' index last);
     other folders in `out` (the training checkpoint) stay."""
     from .checkpoint import INDEX_FILE, write_snapshot
     from .convert import SHARD_BYTES, copy_side_files
+    from .loading import quantized_state
     from .names import published_name
+    from .quant import QuantLinear, quantization_config
 
     out, source = Path(out), Path(source)
     state = state if state is not None else full_state(model)
     tmp = out / ".snapshot.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    names = {published_name(n): t for n, t in state.items()}
+    names = {published_name(n): t for n, t in state.items()} | quantized_state(model)
+    schemes = {m.scheme for m in model.modules() if isinstance(m, QuantLinear)}  # quantize_model: one scheme
     write_snapshot(tmp, [(n, tuple(t.shape), t.dtype) for n, t in names.items()], names.__getitem__,
                    max_shard_bytes=SHARD_BYTES)
     copy_side_files(source, tmp)
     config = json.loads((tmp / "config.json").read_text()) if (tmp / "config.json").is_file() else model.config.to_hf()
     config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    config.pop("quantization_config", None)  # the source's says nothing of these weights
+    if schemes:
+        config["quantization_config"] = quantization_config(*schemes)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     for f in out.iterdir():  # weights of an earlier snapshot here would mix with the new ones
         if f.is_file() and (f.name.endswith(".safetensors") or f.name == INDEX_FILE):

@@ -122,7 +122,7 @@ def test_compiled_int8_linear_of_one_row_takes_the_reduction_and_equals_the_dequ
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_weights_read_back_from_the_kernel_layout_equal_the_stored_form_dequantized(scheme):
+def test_weights_read_back_from_the_kernel_layout_equal_the_stored_form_dequantized(monkeypatch, scheme):
     torch.manual_seed(1)
     w = torch.randn(192, 3 * GROUP_SIZE)
     stored = quantize_int8(w) if scheme == "int8" else quantize_int4(w)
@@ -133,9 +133,14 @@ def test_weights_read_back_from_the_kernel_layout_equal_the_stored_form_dequanti
     want = dequantize(scheme, stored)
     assert torch.equal(layer.dequantized(), want)
     assert torch.equal(layer.dequantized(64, 128, out=torch.empty(200 * 192)), want[64:128])
-    if scheme == "int4":  # mid-block: refused, not misread
+    back = layer.stored()
+    assert back.keys() == stored.keys() and all(torch.equal(back[k], stored[k]) for k in stored)
+    if scheme == "int4":  # mid-block, or a layout the probe does not know: refused, not misread
         with pytest.raises(ValueError, match="blocks of 64 rows"):
             layer.dequantized(32, 96)
+        monkeypatch.setattr(layer, "_cpu_layout_known", lambda: False)
+        with pytest.raises(ValueError, match="cannot be read back"):
+            layer.stored()
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
@@ -258,6 +263,29 @@ def test_a_compiled_forward_passes_gradients_through_a_quantized_layer(scheme):
     x = torch.randn(5, w.shape[1], requires_grad=True)
     torch.compile(lambda x: layer(x).sum(), fullgraph=True)(x).backward()
     assert rel(x.grad, dequantize(scheme, stored).sum(0).expand_as(x)) <= 1e-6
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_quantized_model_saves_a_quantized_snapshot_that_loads_back_bit_for_bit(snapshot, saved, scheme, tmp_path):
+    from molmo.quant import quantization_config
+    from molmo.training import save_snapshot
+
+    model = Molmo.from_pretrained(snapshot, quantize=scheme)
+    with torch.no_grad():
+        model.vision.blocks[0].attn.wq.weight.add_(1.0)  # fine-tuned in front of the frozen quantized decoder
+    save_snapshot(model, tmp_path / "out", snapshot)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"] == quantization_config(scheme)
+    written, converted = load_file(tmp_path / "out" / "model.safetensors"), load_file(saved[scheme] / "model.safetensors")
+    assert written.keys() == converted.keys()
+    assert all(torch.equal(written[n], t) for n, t in converted.items() if "vision" not in n)  # as the converter's
+    back = Molmo.from_pretrained(tmp_path / "out")
+    want = model.state_dict()
+    assert all(torch.equal(t, want[n]) for n, t in back.state_dict().items())
+
+    float_model = Molmo.from_pretrained(snapshot)  # a quantized source's config entry does not follow float weights
+    save_snapshot(float_model, tmp_path / "float", saved[scheme])
+    assert "quantization_config" not in json.loads((tmp_path / "float" / "config.json").read_text())
+    assert isinstance(Molmo.from_pretrained(tmp_path / "float").llm.lm_head, torch.nn.Linear)
 
 
 def test_loading_quantized_weights_with_fp32_activations_on_cpu_warns_and_bf16_does_not(snapshot, saved):
