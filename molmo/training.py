@@ -243,11 +243,11 @@ def save_snapshot(model: Molmo, out: Path, source: Path, state: dict[str, torch.
 
     out, source = Path(out), Path(source)
     state = state if state is not None else full_state(model)
+    names = {published_name(n): t for n, t in state.items()} | quantized_state(model)
+    schemes = {m.scheme for m in model.modules() if isinstance(m, QuantLinear)}  # quantize_model: one scheme
     tmp = out / ".snapshot.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    names = {published_name(n): t for n, t in state.items()} | quantized_state(model)
-    schemes = {m.scheme for m in model.modules() if isinstance(m, QuantLinear)}  # quantize_model: one scheme
     write_snapshot(tmp, [(n, tuple(t.shape), t.dtype) for n, t in names.items()], names.__getitem__,
                    max_shard_bytes=SHARD_BYTES)
     copy_side_files(source, tmp)
