@@ -2,6 +2,7 @@
 place on a model built on the meta device (names: `molmo.names`)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,10 +40,24 @@ def _stored(name: str, m: QuantLinear) -> dict[str, tuple[tuple[int, ...], str]]
     return {_prefix(name) + k: v for k, v in stored_shapes(m.scheme, m.out_features, m.in_features).items()}
 
 
-def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Published name -> tensor of every quantized layer's weights in their stored form (CPU), as a
-    quantized snapshot holds them."""
-    return {_prefix(name) + k: t for name, m in _quantized(model) for k, t in m.stored().items()}
+def quantized_tensors(model: nn.Module) -> tuple[list[tuple[str, tuple[int, ...], torch.dtype]], Callable]:
+    """What a quantized snapshot holds of the model's quantized layers: (published name, shape, dtype) of
+    each stored tensor, and a function name -> that tensor (CPU), read back from its layer one layer at
+    a time (`QuantLinear.stored`), so that no second copy of the weights builds up."""
+    specs, owner = [], {}
+    for name, m in _quantized(model):
+        for n, (shape, dtype) in _stored(name, m).items():
+            specs.append((n, shape, DTYPES[dtype]))
+            owner[n] = (m, n.removeprefix(_prefix(name)))
+    held: dict = {}  # the last layer read back: {layer: its stored form}
+
+    def tensor(n: str) -> torch.Tensor:
+        m, part = owner[n]
+        if m not in held:
+            held.clear()
+            held[m] = m.stored()
+        return held[m][part]
+    return specs, tensor
 
 
 def _prefix(name: str) -> str:

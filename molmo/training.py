@@ -237,19 +237,20 @@ def save_snapshot(model: Molmo, out: Path, source: Path, state: dict[str, torch.
     other folders in `out` (the training checkpoint) stay."""
     from .checkpoint import INDEX_FILE, write_snapshot
     from .convert import SHARD_BYTES, copy_side_files
-    from .loading import quantized_state
+    from .loading import quantized_tensors
     from .names import published_name
     from .quant import QuantLinear, quantization_config
 
     out, source = Path(out), Path(source)
     state = state if state is not None else full_state(model)
-    names = {published_name(n): t for n, t in state.items()} | quantized_state(model)
+    names = {published_name(n): t for n, t in state.items()}
+    quantized, read_back = quantized_tensors(model)
     schemes = {m.scheme for m in model.modules() if isinstance(m, QuantLinear)}  # quantize_model: one scheme
     tmp = out / ".snapshot.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write_snapshot(tmp, [(n, tuple(t.shape), t.dtype) for n, t in names.items()], names.__getitem__,
-                   max_shard_bytes=SHARD_BYTES)
+    write_snapshot(tmp, [(n, tuple(t.shape), t.dtype) for n, t in names.items()] + quantized,
+                   lambda n: names[n] if n in names else read_back(n), max_shard_bytes=SHARD_BYTES)
     copy_side_files(source, tmp)
     config = json.loads((tmp / "config.json").read_text()) if (tmp / "config.json").is_file() else model.config.to_hf()
     config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")

@@ -266,14 +266,20 @@ def test_a_compiled_forward_passes_gradients_through_a_quantized_layer(scheme):
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_a_quantized_model_saves_a_quantized_snapshot_that_loads_back_bit_for_bit(snapshot, saved, scheme, tmp_path):
+def test_a_quantized_model_saves_a_quantized_snapshot_that_loads_back_bit_for_bit(monkeypatch, snapshot, saved, scheme,
+                                                                                    tmp_path):
     from molmo.quant import quantization_config
     from molmo.training import save_snapshot
 
     model = Molmo.from_pretrained(snapshot, quantize=scheme)
     with torch.no_grad():
         model.vision.blocks[0].attn.wq.weight.add_(1.0)  # fine-tuned in front of the frozen quantized decoder
+    read_back = []
+    stored = QuantLinear.stored
+    monkeypatch.setattr(QuantLinear, "stored", lambda self: read_back.append(self) or stored(self))
     save_snapshot(model, tmp_path / "out", snapshot)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert read_back == layers  # each layer read back once, in turn: one layer's stored form held at a time
     assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"] == quantization_config(scheme)
     written, converted = load_file(tmp_path / "out" / "model.safetensors"), load_file(saved[scheme] / "model.safetensors")
     assert written.keys() == converted.keys()
