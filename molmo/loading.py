@@ -46,9 +46,9 @@ def quantized_tensors(model: nn.Module) -> tuple[list[tuple[str, tuple[int, ...]
     a time (`QuantLinear.stored`), so that no second copy of the weights builds up."""
     specs, owner = [], {}
     for name, m in _quantized(model):
-        for n, (shape, dtype) in _stored(name, m).items():
-            specs.append((n, shape, DTYPES[dtype]))
-            owner[n] = (m, n.removeprefix(_prefix(name)))
+        for part, (shape, dtype) in stored_shapes(m.scheme, m.out_features, m.in_features).items():
+            owner[_prefix(name) + part] = (m, part)
+            specs.append((_prefix(name) + part, shape, DTYPES[dtype]))
     held: dict = {}  # the last layer read back: {layer: its stored form}
 
     def tensor(n: str) -> torch.Tensor:

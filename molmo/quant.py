@@ -142,10 +142,11 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # [N, in]
-        dtype = self._dequantized_dtype(x2)
+        backward = passes_gradient(x2)  # PyTorch's int8/int4 kernels have no backward
+        dtype = self._dequantized_dtype(x2, backward)
         if dtype is not None:
             y = self._dequantized_product(x2.to(dtype)).to(x.dtype)
-        elif passes_gradient(x2) and not (x.is_cuda and self.scheme == "int8"):
+        elif backward and not (x.is_cuda and self.scheme == "int8"):
             raise RuntimeError(f"{self.scheme} weights on {x.device.type}: PyTorch's kernel has no backward, so no "
                                "gradient passes through this layer; fine-tune the unquantized model")
         elif self.scheme == "int8" and takes_streamed_product(x2):
@@ -169,13 +170,12 @@ class QuantLinear(nn.Module):
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
 
-    def _dequantized_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+    def _dequantized_dtype(self, x: torch.Tensor, backward: bool) -> torch.dtype | None:
         """The dtype in which x [N, in] multiplies the dequantized weight, or None for the kernels. On CPU,
         for a prompt's rows: fp32 for fp32 rows and for bf16 ones without bf16 math (as `molmo.layers.Linear`
         does then); bf16 for bf16 rows on int8 weights (~2.6x the int8 kernel's pace for a prompt; the int4
         kernel is as fast as this). Rows that need a gradient take it too, however few: a frozen quantized
         decoder passes gradients back to the parts before it (the ViT, the connector, their adapters)."""
-        backward = passes_gradient(x)  # PyTorch's int8/int4 kernels have no backward: any number of rows
         if not x.is_cpu or ((torch.compiler.is_compiling() or len(x) < MIN_ROWS) and not backward):
             return None  # compiled steps and a token's rows: the kernels
         if self.scheme == "int4" and not self._cpu_layout_known():
